@@ -1,0 +1,191 @@
+// The operators lowp::quantize and lowp::quantize_ (registered with torch.library), and the
+// pybind11 module lightning_lowp._C. Arguments arrive validated by lightning_lowp.functional;
+// here they become FormatParams / BlockLayout, and tensors are brought to a layout the
+// kernels can walk linearly.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Generator.h>
+#include <ATen/ops/empty_like.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <optional>
+
+#include "quantize.h"
+
+namespace lowp {
+namespace {
+
+FormatParams format_params(int64_t kind, at::IntArrayRef a) {
+  FormatParams p{};
+  p.kind = static_cast<Kind>(kind);
+  const float inf = std::numeric_limits<float>::infinity();
+  switch (p.kind) {
+    case Kind::Fixed: {  // [wl, fl, clamp, symmetric]
+      TORCH_CHECK(a.size() == 4, "lowp::quantize: fixed point takes [wl, fl, clamp, symmetric]");
+      const double step = std::ldexp(1.0, static_cast<int>(-a[1]));
+      const double top = std::ldexp(1.0, static_cast<int>(a[0] - 1));
+      p.e_q = static_cast<int>(-a[1]);
+      p.max_pos = a[2] ? static_cast<float>((top - 1) * step) : inf;
+      p.max_neg = a[2] ? static_cast<float>((a[3] ? top - 1 : top) * step) : inf;
+      p.overflow_inf = false;
+      break;
+    }
+    case Kind::Float: {  // [exp, man, subnormals, specials (0 ieee, 1 fn, 2 none), overflow (0 inf, 1 saturate)]
+      TORCH_CHECK(a.size() == 5, "lowp::quantize: floating point takes [exp, man, subnormals, specials, overflow]");
+      const int exp = static_cast<int>(a[0]), man = static_cast<int>(a[1]);
+      const int bias = (1 << (exp - 1)) - 1;
+      const int top = (1 << exp) - 1 - bias;  // exponent of the all-ones exponent code
+      double max_value;
+      if (a[3] == 0) {
+        max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top - 1);
+      } else if (a[3] == 1) {  // the all-ones code is NaN
+        max_value = man == 0 ? std::ldexp(1.0, top - 1) : std::ldexp(2.0 - std::ldexp(1.0, 1 - man), top);
+      } else {
+        max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top);
+      }
+      p.emin = 1 - bias;
+      p.man = man;
+      p.subnormals = a[2] != 0;
+      p.max_pos = p.max_neg = static_cast<float>(max_value);
+      p.overflow_inf = a[4] == 0;
+      break;
+    }
+    case Kind::Block: {  // [wl, dim, block_size]
+      TORCH_CHECK(a.size() == 3, "lowp::quantize: block floating point takes [wl, dim, block_size]");
+      p.wl = static_cast<int>(a[0]);
+      p.overflow_inf = false;
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "lowp::quantize: kind must be 0 (fixed), 1 (float) or 2 (block), got ", kind);
+  }
+  return p;
+}
+
+// Stochastic rounding keys come from a CPU generator (the given one, else torch's default),
+// so a seed gives the same bits on every device, and drawing a key never waits for a GPU.
+uint64_t draw_key(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+int64_t product(at::IntArrayRef sizes, size_t begin, size_t end) {
+  int64_t n = 1;
+  for (size_t i = begin; i < end; ++i) n *= sizes[i];
+  return n;
+}
+
+// Block floating point on a contiguous tensor whose blocking dim is `d` (already normalised).
+BlockLayout block_layout(at::IntArrayRef sizes, int64_t d, int64_t block_size, bool whole) {
+  BlockLayout layout;
+  if (whole) {
+    layout.inner = product(sizes, 0, sizes.size());
+    return layout;
+  }
+  layout.outer = product(sizes, 0, d);
+  layout.dim_size = sizes[d];
+  layout.inner = product(sizes, d + 1, sizes.size());
+  if (block_size > 0) {  // runs along the last dim (the caller moved `dim` there)
+    layout.block_len = block_size;
+    layout.blocks_per_outer = (layout.dim_size + block_size - 1) / block_size;
+  }
+  return layout;
+}
+
+void run_kernel(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                const BlockLayout& layout) {
+  if (in.is_cuda()) {
+#ifdef LOWP_WITH_CUDA
+    quantize_cuda(in, out, p, mode, key, layout);
+#else
+    TORCH_CHECK(false, "lightning_lowp was built without CUDA; reinstall it where nvcc is found");
+#endif
+  } else {
+    quantize_cpu(in, out, p, mode, key, layout);
+  }
+}
+
+// out = quantize(x); out may be x itself. Never changes out's shape, dtype or layout.
+void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                   const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowp::quantize: x must be a floating-point tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(rounding >= 0 && rounding <= 5, "lowp::quantize: rounding must be 0..5, got ", rounding);
+  const FormatParams p = format_params(kind, params);
+  const Rounding mode = static_cast<Rounding>(rounding);
+  if (x.numel() == 0) return;
+  const uint64_t key = mode == Rounding::Stochastic ? draw_key(generator) : 0;
+
+  // Element-wise formats walk memory in storage order whenever in and out share a dense layout.
+  if (p.kind != Kind::Block && x.is_non_overlapping_and_dense() && out.strides() == x.strides()) {
+    run_kernel(x, out, p, mode, key, BlockLayout{1, 1, x.numel()});
+    return;
+  }
+  // Otherwise the kernels see a contiguous tensor; block runs along a dim are moved last.
+  BlockLayout layout{1, 1, x.numel()};
+  at::Tensor src = x;
+  int64_t moved_from = -1;
+  if (p.kind == Kind::Block) {
+    const int64_t dim = params[1], block_size = params[2];
+    const bool whole = dim == -1 && block_size == 0;
+    int64_t d = x.dim() == 0 ? 0 : at::maybe_wrap_dim(dim, x.dim());
+    if (x.dim() == 0) {
+      TORCH_CHECK(whole || dim == 0 || dim == -1, "lowp::quantize: dim ", dim, " is out of range for a 0-d tensor");
+    } else if (!whole && block_size > 0 && d != x.dim() - 1) {
+      src = x.movedim(d, -1);
+      moved_from = d;
+      d = x.dim() - 1;
+    }
+    layout = x.dim() == 0 ? BlockLayout{} : block_layout(src.sizes(), d, block_size, whole);
+  }
+  src = src.contiguous();
+  at::Tensor dst = moved_from < 0 && out.is_contiguous() ? out : at::empty_like(src, at::MemoryFormat::Contiguous);
+  run_kernel(src, dst, p, mode, key, layout);
+  if (!dst.is_same(out)) out.copy_(moved_from < 0 ? dst : dst.movedim(-1, moved_from));
+}
+
+at::Tensor quantize(const at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                    const std::optional<at::Generator>& generator) {
+  at::Tensor out = at::empty_like(x);
+  quantize_into(x, out, kind, params, rounding, generator);
+  return out;
+}
+
+void quantize_(at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,
+               const std::optional<at::Generator>& generator) {
+  quantize_into(x, x, kind, params, rounding, generator);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowp, m) {
+  m.def("quantize(Tensor x, int kind, int[] params, int rounding, Generator? generator=None) -> Tensor");
+  m.def("quantize_(Tensor(a!) x, int kind, int[] params, int rounding, Generator? generator=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lowp, CPU, m) {
+  m.impl("quantize", &quantize);
+  m.impl("quantize_", &quantize_);
+}
+
+#ifdef LOWP_WITH_CUDA
+TORCH_LIBRARY_IMPL(lowp, CUDA, m) {
+  m.impl("quantize", &quantize);
+  m.impl("quantize_", &quantize_);
+}
+#endif
+
+}  // namespace lowp
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lightning_lowp kernels; the operators live in torch.ops.lowp";
+#ifdef LOWP_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

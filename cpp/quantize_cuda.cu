@@ -1,0 +1,135 @@
+// CUDA kernels: grid-stride loops over the same scalar arithmetic as the CPU (rounding.h),
+// 4 elements per thread with vector loads when aligned, on the tensor's device and its
+// current stream.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "quantize.h"
+
+namespace lowp {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 4;
+
+template <typename scalar_t>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t v[kVec];
+};
+
+// Block of element i (see BlockLayout).
+__device__ __forceinline__ int64_t block_of(int64_t i, const BlockLayout& L) {
+  if (L.dim_size == 1 && L.blocks_per_outer == 0) return 0;  // whole tensor
+  const int64_t row = i / L.inner;
+  const int64_t d = row % L.dim_size;
+  const int64_t c = d / L.block_len;
+  return L.blocks_per_outer ? (row / L.dim_size) * L.blocks_per_outer + c : c;
+}
+
+template <Kind K, Rounding R>
+__device__ __forceinline__ float quantize_element(float x, int64_t i, const FormatParams& p, uint64_t key,
+                                                  const BlockLayout& L, const uint32_t* maxima) {
+  int block_e_q = 0;
+  float max_pos = p.max_pos, max_neg = p.max_neg;
+  if (K == Kind::Block) {
+    block_step(maxima[block_of(i, L)], p.wl, &block_e_q, &max_pos);
+    max_neg = max_pos;
+  }
+  const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(i)) : 0u;
+  return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, p.overflow_inf, r);
+}
+
+template <Kind K, Rounding R, typename scalar_t>
+__global__ void quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+                                FormatParams p, uint64_t key, BlockLayout L, const uint32_t* maxima,
+                                bool vectorized) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (vectorized) {
+    const int64_t packs = n / kVec;
+    for (int64_t j = tid; j < packs; j += stride) {
+      Pack<scalar_t> pack = reinterpret_cast<const Pack<scalar_t>*>(in)[j];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        pack.v[k] = static_cast<scalar_t>(
+            quantize_element<K, R>(static_cast<float>(pack.v[k]), j * kVec + k, p, key, L, maxima));
+      }
+      reinterpret_cast<Pack<scalar_t>*>(out)[j] = pack;
+    }
+    tail = packs * kVec;
+  }
+  for (int64_t i = tail + tid; i < n; i += stride) {
+    out[i] = static_cast<scalar_t>(quantize_element<K, R>(static_cast<float>(in[i]), i, p, key, L, maxima));
+  }
+}
+
+// Largest finite magnitude of every block: each thread folds its run of elements of one
+// block and flushes with atomicMax; for a single block, a warp reduces first.
+template <typename scalar_t>
+__global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, BlockLayout L, uint32_t* maxima) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool single = L.num_blocks() == 1;
+  int64_t current = -1;
+  uint32_t m = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t b = single ? 0 : block_of(i, L);
+    if (b != current) {
+      if (current >= 0 && m) atomicMax(maxima + current, m);
+      current = b;
+      m = 0;
+    }
+    m = max(m, finite_magnitude_bits(static_cast<float>(in[i])));
+  }
+  if (single) {
+    for (int offset = 16; offset > 0; offset /= 2) m = max(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    if ((threadIdx.x & 31) == 0 && m) atomicMax(maxima, m);
+  } else if (current >= 0 && m) {
+    atomicMax(maxima + current, m);
+  }
+}
+
+int grid_size(int64_t work) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t wanted = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sms) * 8)));
+}
+
+}  // namespace
+
+void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                   const BlockLayout& layout) {
+  const c10::cuda::CUDAGuard guard(in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = in.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cuda", [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::Tensor maxima;
+    const uint32_t* maxima_ptr = nullptr;
+    if (p.kind == Kind::Block) {
+      maxima = at::zeros({layout.num_blocks()}, in.options().dtype(at::kInt));
+      uint32_t* ptr = reinterpret_cast<uint32_t*>(maxima.mutable_data_ptr<int>());
+      block_max_kernel<<<grid_size(n), kThreads, 0, stream>>>(src, n, layout, ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      maxima_ptr = ptr;
+    }
+    const auto alignment = sizeof(Pack<scalar_t>);
+    const bool vectorized = reinterpret_cast<uintptr_t>(src) % alignment == 0 &&
+                            reinterpret_cast<uintptr_t>(dst) % alignment == 0;
+    dispatch_kind(p.kind, [&](auto kind) {
+      dispatch_rounding(mode, [&](auto rounding) {
+        quantize_kernel<decltype(kind)::value, decltype(rounding)::value, scalar_t>
+            <<<grid_size(vectorized ? n / kVec : n), kThreads, 0, stream>>>(src, dst, n, p, key, layout, maxima_ptr,
+                                                                           vectorized);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+}  // namespace lowp

@@ -1,0 +1,201 @@
+// Scalar rounding arithmetic shared by the CPU and the CUDA kernels.
+//
+// Every format is handled the same way: for an input x we find the exponent e_q of the
+// grid step 2^e_q that the format has around x (fixed for fixed point, per binade for
+// floats, per block for block floating point), round |x| to a multiple of that step with
+// integer arithmetic on the float32 bits (exact: no double rounding), then apply the
+// format's range (saturate, or overflow to Inf the way IEEE 754 does for the mode).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define LOWP_HD __host__ __device__ __forceinline__
+#else
+#define LOWP_HD inline
+#endif
+
+namespace lowp {
+
+// The numbering is shared with lightning_lowp/formats.py (ROUNDING_MODES).
+enum class Rounding : int { Nearest = 0, NearestAway = 1, TowardZero = 2, Down = 3, Up = 4, Stochastic = 5 };
+enum class Kind : int { Fixed = 0, Float = 1, Block = 2 };
+
+constexpr uint32_t kSignBit = 0x80000000u;
+constexpr uint32_t kInfBits = 0x7f800000u;
+
+LOWP_HD uint32_t bits_of(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+LOWP_HD float float_of(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+LOWP_HD int min_int(int a, int b) { return a < b ? a : b; }
+LOWP_HD int max_int(int a, int b) { return a > b ? a : b; }
+
+// 2^e for a normal exponent e in [-126, 127].
+LOWP_HD float pow2_normal(int e) { return float_of(static_cast<uint32_t>(e + 127) << 23); }
+
+// k * 2^e exactly, for k <= 2^24 and e in [-149, 127] (the product is always a float32
+// or overflows to Inf, so splitting the scale in two normal powers never rounds).
+LOWP_HD float scale_pow2(uint32_t k, int e) {
+  const int e_low = e < -126 ? -24 : 0;
+  return static_cast<float>(k) * pow2_normal(e - e_low) * pow2_normal(e_low);
+}
+
+// Counter-based random bits: a keyed hash of the element's index, so any element can be
+// drawn independently, in any order, on any device, with the same result.
+LOWP_HD uint32_t mix32(uint32_t x) {  // a bijective avalanche mix (lowbias32)
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+LOWP_HD uint32_t random_bits(uint64_t key, uint64_t counter) {
+  uint32_t h = mix32(static_cast<uint32_t>(counter) ^ static_cast<uint32_t>(key));
+  h += static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(counter >> 32) * 0x9e3779b9u);
+  return mix32(h);
+}
+
+// Whether mode R, applied to a value of the given sign, rounds away from zero when it does
+// not land on the grid. Decides overflow to Inf vs. to the largest finite value (IEEE 754).
+template <Rounding R>
+LOWP_HD bool may_round_away(bool negative) {
+  if (R == Rounding::TowardZero) return false;
+  if (R == Rounding::Down) return negative;
+  if (R == Rounding::Up) return !negative;
+  return true;
+}
+
+// |x| (finite, given by its bits `a`) rounded to a multiple of 2^e_q with mode R.
+// `rbits` are 32 uniform random bits, used by Stochastic only.
+template <Rounding R>
+LOWP_HD float round_to_step(uint32_t a, int e_q, bool negative, uint32_t rbits) {
+  const uint32_t biased = a >> 23;
+  const uint32_t m = (a & 0x7fffffu) | (biased ? 0x800000u : 0u);  // significand
+  const int e_lsb = max_int(static_cast<int>(biased), 1) - 150;      // exponent of its last bit
+  const int drop = e_q - e_lsb;                                       // bits below the step
+  if (drop <= 0) return float_of(a);                                  // already on the grid
+
+  // From 25 dropped bits on, the quotient is 0 and the remainder is below half the step.
+  const int d = min_int(drop, 25);
+  const uint32_t k = m >> d;
+  const uint32_t rem = m & ((1u << d) - 1u);
+  const uint32_t half = 1u << (d - 1);
+  bool up;
+  switch (R) {
+    case Rounding::Nearest: up = rem > half || (rem == half && (k & 1u)); break;
+    case Rounding::NearestAway: up = rem >= half; break;
+    case Rounding::TowardZero: up = false; break;
+    case Rounding::Down: up = negative && rem != 0; break;
+    case Rounding::Up: up = !negative && rem != 0; break;
+    default: {
+      // Up with probability rem / 2^drop: compare with the remainder scaled to 32 bits
+      // (exact for drop <= 32; beyond, the probability is below 2^-8 and resolved to 2^-32).
+      const uint32_t threshold = drop <= 32 ? rem << (32 - drop) : m >> min_int(drop - 32, 31);
+      up = rbits < threshold;
+    }
+  }
+  return scale_pow2(k + (up ? 1u : 0u), min_int(e_q, 127));
+}
+
+// The format's range: a rounded magnitude beyond the largest finite value either saturates,
+// or (formats with Inf codes, overflow="inf") becomes Inf if the mode rounds away from zero.
+template <Rounding R>
+LOWP_HD float apply_range(float mag, bool negative, float max_mag, bool overflow_inf) {
+  if (mag > max_mag) return overflow_inf && may_round_away<R>(negative) ? float_of(kInfBits) : max_mag;
+  return mag;
+}
+
+// One element: NaN stays NaN; Inf stays Inf where the format has it, else saturates.
+template <Rounding R>
+LOWP_HD float quantize_value(float x, int e_q, float max_pos, float max_neg, bool overflow_inf,
+                             uint32_t rbits) {
+  const uint32_t u = bits_of(x);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a = u ^ sign;
+  const bool negative = sign != 0;
+  const float max_mag = negative ? max_neg : max_pos;
+  if (a >= kInfBits) {
+    if (a > kInfBits || overflow_inf) return x;
+    return float_of(sign | bits_of(max_mag));
+  }
+  const float mag = apply_range<R>(round_to_step<R>(a, e_q, negative, rbits), negative, max_mag, overflow_inf);
+  return float_of(sign | bits_of(mag));
+}
+
+// ---- per-format grid step -------------------------------------------------------------
+
+// Constants of one format, computed once per call on the host (see ops.cpp).
+struct FormatParams {
+  Kind kind;
+  int e_q;          // Fixed: the constant step exponent (-fl)
+  int emin;         // Float: exponent of the smallest normal
+  int man;          // Float: mantissa bits
+  bool subnormals;  // Float: whether values below 2^emin are on a 2^(emin-man) grid (else 2^emin)
+  float max_pos;    // Fixed / Float: largest finite magnitude of each sign
+  float max_neg;
+  bool overflow_inf;
+  int wl;  // Block: word length
+};
+
+// Step exponent of a custom float around |x| (bits a).
+LOWP_HD int float_step_exponent(const FormatParams& p, uint32_t a) {
+  const int e = max_int(static_cast<int>(a >> 23), 1) - 127;
+  if (e < p.emin) return p.subnormals ? p.emin - p.man : p.emin;
+  return e - p.man;
+}
+
+// Step exponent and largest magnitude of a block whose largest finite magnitude has bits
+// `max_bits`: E = floor(log2 max), step 2^(E - wl + 2), range 2^(E+1) - step (rounded down
+// to a float32 when the step is finer than float32 itself). An all-zero block and wl = 1
+// give range 0.
+LOWP_HD void block_step(uint32_t max_bits, int wl, int* e_q, float* max_mag) {
+  if (max_bits == 0 || wl == 1) {
+    *e_q = -149;
+    *max_mag = 0.0f;
+    return;
+  }
+  const uint32_t biased = max_bits >> 23;
+  int e;
+  if (biased) {
+    e = static_cast<int>(biased) - 127;
+  } else {
+    int top = 22;  // highest set bit of a subnormal
+    while (!((max_bits >> top) & 1u)) --top;
+    e = top - 149;
+  }
+  *e_q = e - wl + 2;
+  if (e >= -126) {
+    *max_mag = float_of((static_cast<uint32_t>(e + 127) << 23) | ((1u << 23) - (1u << (25 - wl))));
+  } else {  // in units of 2^-149
+    const uint32_t step = *e_q > -149 ? 1u << (*e_q + 149) : 1u;
+    *max_mag = float_of((1u << (e + 150)) - step);
+  }
+}
+
+// Bits of |x| for the block maximum: finite magnitudes compare as integers; Inf/NaN count 0.
+LOWP_HD uint32_t finite_magnitude_bits(float x) {
+  const uint32_t a = bits_of(x) & ~kSignBit;
+  return a < kInfBits ? a : 0u;
+}
+
+}  // namespace lowp

@@ -1,0 +1,33 @@
+"""lightning_lowp: simulate low-precision training in PyTorch Lightning.
+
+Number formats (fixed point, custom floats, block floating point, FP8), exact rounding
+kernels in C++/CUDA, and their functional and autograd API. See README.md.
+"""
+
+from lightning_lowp.autograd import Quantizer, quantizer
+from lightning_lowp.formats import (
+    PRESETS,
+    ROUNDING_MODES,
+    BlockFloatingPoint,
+    FixedPoint,
+    FloatingPoint,
+    Format,
+    parse_format,
+)
+from lightning_lowp.functional import quantize, quantize_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Format",
+    "FixedPoint",
+    "FloatingPoint",
+    "BlockFloatingPoint",
+    "PRESETS",
+    "ROUNDING_MODES",
+    "parse_format",
+    "quantize",
+    "quantize_",
+    "quantizer",
+    "Quantizer",
+]

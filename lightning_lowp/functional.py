@@ -1,0 +1,84 @@
+"""The functional API: validate arguments, then call the compiled kernels."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from lightning_lowp import ops
+from lightning_lowp.formats import (
+    OVERFLOWS,
+    ROUNDING_MODES,
+    SPECIALS,
+    BlockFloatingPoint,
+    FixedPoint,
+    FloatingPoint,
+    Format,
+    as_format,
+    check_rounding,
+)
+
+__all__ = ["quantize", "quantize_", "kernel_args"]
+
+
+def kernel_args(fmt: Format) -> tuple[int, list[int]]:
+    """The (kind, params) pair the kernels take for a format (see cpp/ops.cpp)."""
+    if isinstance(fmt, FixedPoint):
+        return 0, [fmt.wl, fmt.fl, int(fmt.clamp), int(fmt.symmetric)]
+    if isinstance(fmt, FloatingPoint):
+        return 1, [fmt.exp, fmt.man, int(fmt.subnormals), SPECIALS.index(fmt.specials), OVERFLOWS.index(fmt.overflow)]
+    if isinstance(fmt, BlockFloatingPoint):
+        return 2, [fmt.wl, fmt.dim, fmt.block_size or 0]
+    raise TypeError(f"fmt must be FixedPoint, FloatingPoint or BlockFloatingPoint, got {type(fmt).__name__}")
+
+
+def _check(x, fmt, rounding, generator):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+    fmt = as_format(fmt)
+    check_rounding(rounding)
+    if isinstance(fmt, BlockFloatingPoint) and not (fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)):
+        raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {x.dim()} dims")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"generator must be a CPU torch.Generator (stochastic rounding draws its key on the host so a seed "
+                f"gives the same bits on every device), got one on {generator.device}"
+            )
+    kind, params = kernel_args(fmt)
+    return kind, params, ROUNDING_MODES.index(rounding)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: Union[Format, str],
+    rounding: str = "nearest",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``x`` rounded to the values of ``fmt`` (a format or a spec string), as a new tensor.
+
+    The result has x's shape, dtype, device and memory format. ``rounding`` is one of
+    nearest, nearest_away, toward_zero, down, up, stochastic. Stochastic rounding draws a key
+    from ``generator`` (a CPU generator; default: torch's default generator), so
+    ``torch.manual_seed`` makes it reproducible on CPU and CUDA alike.
+    Not differentiable: use :func:`lightning_lowp.quantizer` inside a model.
+    """
+    kind, params, mode = _check(x, fmt, rounding, generator)
+    return ops.quantize(x, kind, params, mode, generator)
+
+
+def quantize_(
+    x: torch.Tensor,
+    fmt: Union[Format, str],
+    rounding: str = "nearest",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """In-place :func:`quantize`; returns ``x``."""
+    kind, params, mode = _check(x, fmt, rounding, generator)
+    ops.quantize_(x, kind, params, mode, generator)
+    return x

@@ -1,0 +1,26 @@
+"""Registers the compiled kernels' fake implementations with torch.library.
+
+The operators themselves (``torch.ops.lowp.quantize`` and ``torch.ops.lowp.quantize_``) are
+defined in ``cpp/ops.cpp`` and come into being when ``lightning_lowp._C`` is imported; the
+fake (meta) implementations below let ``torch.compile`` trace them without running them.
+"""
+
+import torch
+
+from lightning_lowp import _C  # noqa: F401  (loads and registers the operators)
+
+BUILT_WITH_CUDA = bool(_C.built_with_cuda)
+
+
+@torch.library.register_fake("lowp::quantize")
+def _quantize_fake(x, kind, params, rounding, generator=None):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("lowp::quantize_")
+def _quantize_inplace_fake(x, kind, params, rounding, generator=None):
+    return None
+
+
+quantize = torch.ops.lowp.quantize.default
+quantize_ = torch.ops.lowp.quantize_.default
