@@ -67,10 +67,10 @@ FormatParams format_params(int64_t kind, at::IntArrayRef a) {
 
 // Stochastic rounding keys come from a CPU generator (the given one, else torch's default),
 // so a seed gives the same bits on every device, and drawing a key never waits for a GPU.
-uint64_t draw_key(const std::optional<at::Generator>& generator) {
+int64_t draw_key(const std::optional<at::Generator>& generator) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  return gen->random64();
+  return static_cast<int64_t>(gen->random64());
 }
 
 int64_t product(at::IntArrayRef sizes, size_t begin, size_t end) {
@@ -118,7 +118,7 @@ void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntAr
   const FormatParams p = format_params(kind, params);
   const Rounding mode = static_cast<Rounding>(rounding);
   if (x.numel() == 0) return;
-  const uint64_t key = mode == Rounding::Stochastic ? draw_key(generator) : 0;
+  const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
 
   // Element-wise formats walk memory in storage order whenever in and out share a dense layout.
   if (p.kind != Kind::Block && x.is_non_overlapping_and_dense() && out.strides() == x.strides()) {
@@ -165,6 +165,8 @@ void quantize_(at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t roun
 TORCH_LIBRARY(lowp, m) {
   m.def("quantize(Tensor x, int kind, int[] params, int rounding, Generator? generator=None) -> Tensor");
   m.def("quantize_(Tensor(a!) x, int kind, int[] params, int rounding, Generator? generator=None) -> ()");
+  // The key a stochastic quantize call would draw (for tests and reference implementations).
+  m.def("draw_key(Generator? generator=None) -> int", &draw_key);
 }
 
 TORCH_LIBRARY_IMPL(lowp, CPU, m) {

@@ -2,9 +2,10 @@
 // 4 elements per thread with vector loads when aligned, on the tensor's device and its
 // current stream.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -94,7 +95,9 @@ __global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, Blo
 }
 
 int grid_size(int64_t work) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t wanted = (work + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sms) * 8)));
 }
@@ -104,7 +107,7 @@ int grid_size(int64_t work) {
 void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
                    const BlockLayout& layout) {
   const c10::cuda::CUDAGuard guard(in.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = in.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cuda", [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();

@@ -159,7 +159,7 @@ struct FormatParams {
 
 // Step exponent of a custom float around |x| (bits a).
 LOWP_HD int float_step_exponent(const FormatParams& p, uint32_t a) {
-  const int e = max_int(static_cast<int>(a >> 23), 1) - 127;
+  const int e = static_cast<int>(a >> 23) - 127;  // float32 subnormals give -127: below every emin
   if (e < p.emin) return p.subnormals ? p.emin - p.man : p.emin;
   return e - p.man;
 }

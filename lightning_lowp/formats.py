@@ -217,6 +217,7 @@ PRESETS = {
 }
 
 _CALLS = {"fixed": FixedPoint, "float": FloatingPoint, "bfp": BlockFloatingPoint}
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _CALLS.values()}
 _CALL_RE = re.compile(r"^([a-z_]+)\((.*)\)$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _GRAMMAR_HINT = (
@@ -247,8 +248,8 @@ def parse_format(spec: str) -> Format:
     for item in filter(None, m.group(2).split(",")):
         if "=" in item:
             key, _, value = item.partition("=")
-            if key not in {f.name for f in fields(cls)}:
-                accepted = ", ".join(f.name for f in fields(cls))
+            if key not in _FIELD_NAMES[cls]:
+                accepted = ", ".join(_FIELD_NAMES[cls])
                 raise ValueError(f"format spec {spec!r}: unknown keyword {key!r}; accepted: {accepted}")
             kwargs[key] = _parse_value(value)
         elif kwargs:

@@ -22,5 +22,13 @@ def _quantize_inplace_fake(x, kind, params, rounding, generator=None):
     return None
 
 
+def _straight_through(ctx, grad):
+    return grad, None, None, None, None
+
+
+# Rounding has a zero derivative almost everywhere; like every quantization-aware training
+# library we let the gradient pass unchanged (the straight-through estimator).
+torch.library.register_autograd("lowp::quantize", _straight_through)
+
 quantize = torch.ops.lowp.quantize.default
 quantize_ = torch.ops.lowp.quantize_.default
