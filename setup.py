@@ -20,7 +20,8 @@ extension = (CUDAExtension if with_cuda else CppExtension)(
     name="lightning_lowp._C",
     sources=sources,
     define_macros=[("LOWP_WITH_CUDA", None)] if with_cuda else [],
-    extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    # -fno-trapping-math lets GCC evaluate both sides of a select, which the vectoriser needs.
+    extra_compile_args={"cxx": ["-O3", "-fno-trapping-math"], "nvcc": ["-O3"]},
 )
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

@@ -7,6 +7,13 @@
 
 #include "rounding.h"
 
+// AVX2 and AVX-512 builds of the CPU kernels are made with GCC-compatible compilers on x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define LOWP_HAVE_X86_BUILDS 1
+#else
+#define LOWP_HAVE_X86_BUILDS 0
+#endif
+
 namespace lowp {
 
 // Blocks of block floating point on a contiguous tensor viewed as [outer, dim_size, inner]:

@@ -1,98 +1,33 @@
-// CPU kernels: at::parallel_for over contiguous spans, a plain inner loop the compiler
-// vectorises, and the scalar arithmetic of rounding.h.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <atomic>
-#include <memory>
-#include <vector>
-
-#include "quantize.h"
+// The CPU entry point: the kernels of cpu_kernels.h built for the baseline instruction set,
+// and a run-time choice of the AVX-512 or AVX2 builds (quantize_cpu_avx512.cpp,
+// quantize_cpu_avx2.cpp) where the processor has them. The rounding arithmetic needs
+// per-lane variable shifts, which the x86-64 baseline (SSE2) lacks.
+#define LOWP_CPU_ISA baseline
+#include "cpu_kernels.h"
 
 namespace lowp {
-namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per task: large enough to amortise scheduling
-
-// Calls f(begin, end, block) in parallel over contiguous runs of elements that lie in one
-// block (for the element-wise formats: the whole tensor, one "block", cut into pieces).
-template <typename F>
-void for_each_span(const BlockLayout& layout, F&& f) {
-  const int64_t per_dim = (layout.dim_size + layout.block_len - 1) / layout.block_len;
-  const int64_t item_len = layout.block_len * layout.inner;
-  const int64_t pieces = std::max<int64_t>(1, (item_len + kGrain - 1) / kGrain);
-  const int64_t items = layout.outer * per_dim;
-  at::parallel_for(0, items * pieces, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const int64_t item = p / pieces, piece = p % pieces;
-      const int64_t o = item / per_dim, c = item % per_dim;
-      const int64_t d0 = c * layout.block_len;
-      const int64_t d1 = std::min(layout.dim_size, d0 + layout.block_len);
-      const int64_t start = (o * layout.dim_size + d0) * layout.inner;
-      const int64_t stop = (o * layout.dim_size + d1) * layout.inner;
-      const int64_t begin = start + piece * kGrain;
-      const int64_t end = std::min(stop, begin + kGrain);
-      if (begin < end) f(begin, end, layout.blocks_per_outer ? o * layout.blocks_per_outer + c : c);
-    }
-  });
+#if LOWP_HAVE_X86_BUILDS
+namespace avx2 {
+void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                  const BlockLayout& layout);
 }
-
-template <Kind K, Rounding R, typename scalar_t>
-void quantize_span(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, const FormatParams& p,
-                   int block_e_q, float max_pos, float max_neg, uint64_t key) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = static_cast<float>(in[i]);
-    const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(i)) : 0u;
-    out[i] = static_cast<scalar_t>(
-        quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, p.overflow_inf, r));
-  }
+namespace avx512 {
+void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                  const BlockLayout& layout);
 }
-
-// Largest finite magnitude (as float32 bits) of every block, without a temporary tensor.
-template <typename scalar_t>
-std::vector<uint32_t> block_maxima(const scalar_t* in, const BlockLayout& layout) {
-  const int64_t n = layout.num_blocks();
-  std::unique_ptr<std::atomic<uint32_t>[]> maxima(new std::atomic<uint32_t>[n]);
-  for (int64_t b = 0; b < n; ++b) maxima[b].store(0u, std::memory_order_relaxed);
-  for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-    uint32_t m = 0;
-    for (int64_t i = begin; i < end; ++i) m = std::max(m, finite_magnitude_bits(static_cast<float>(in[i])));
-    uint32_t seen = maxima[block].load(std::memory_order_relaxed);
-    while (m > seen && !maxima[block].compare_exchange_weak(seen, m, std::memory_order_relaxed)) {
-    }
-  });
-  std::vector<uint32_t> result(n);
-  for (int64_t b = 0; b < n; ++b) result[b] = maxima[b].load(std::memory_order_relaxed);
-  return result;
-}
-
-}  // namespace
+#endif
 
 void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
                   const BlockLayout& layout) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cpu", [&] {
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    std::vector<int> block_e_q;
-    std::vector<float> block_max;
-    if (p.kind == Kind::Block) {
-      const std::vector<uint32_t> maxima = block_maxima(src, layout);
-      block_e_q.resize(maxima.size());
-      block_max.resize(maxima.size());
-      for (size_t b = 0; b < maxima.size(); ++b) block_step(maxima[b], p.wl, &block_e_q[b], &block_max[b]);
-    }
-    dispatch_kind(p.kind, [&](auto kind) {
-      dispatch_rounding(mode, [&](auto rounding) {
-        for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-          const bool blocked = decltype(kind)::value == Kind::Block;
-          quantize_span<decltype(kind)::value, decltype(rounding)::value>(
-              src, dst, begin, end, p, blocked ? block_e_q[block] : 0, blocked ? block_max[block] : p.max_pos,
-              blocked ? block_max[block] : p.max_neg, key);
-        });
-      });
-    });
-  });
+#if LOWP_HAVE_X86_BUILDS
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx512) return avx512::quantize_cpu(in, out, p, mode, key, layout);
+  if (has_avx2) return avx2::quantize_cpu(in, out, p, mode, key, layout);
+#endif
+  baseline::quantize_cpu(in, out, p, mode, key, layout);
 }
 
 }  // namespace lowp

@@ -28,6 +28,8 @@ constexpr uint32_t kInfBits = 0x7f800000u;
 LOWP_HD uint32_t bits_of(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_bit_cast(uint32_t, f);  // unlike memcpy, keeps the value in registers for the vectoriser
 #else
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -38,6 +40,8 @@ LOWP_HD uint32_t bits_of(float f) {
 LOWP_HD float float_of(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_bit_cast(float, u);
 #else
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -55,7 +59,8 @@ LOWP_HD float pow2_normal(int e) { return float_of(static_cast<uint32_t>(e + 127
 // or overflows to Inf, so splitting the scale in two normal powers never rounds).
 LOWP_HD float scale_pow2(uint32_t k, int e) {
   const int e_low = e < -126 ? -24 : 0;
-  return static_cast<float>(k) * pow2_normal(e - e_low) * pow2_normal(e_low);
+  // via int32: k < 2^31, and signed conversion is the one CPUs vectorise
+  return static_cast<float>(static_cast<int32_t>(k)) * pow2_normal(e - e_low) * pow2_normal(e_low);
 }
 
 // Counter-based random bits: a keyed hash of the element's index, so any element can be
@@ -69,77 +74,74 @@ LOWP_HD uint32_t mix32(uint32_t x) {  // a bijective avalanche mix (lowbias32)
   return x;
 }
 
-LOWP_HD uint32_t random_bits(uint64_t key, uint64_t counter) {
-  uint32_t h = mix32(static_cast<uint32_t>(counter) ^ static_cast<uint32_t>(key));
-  h += static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(counter >> 32) * 0x9e3779b9u);
+LOWP_HD uint32_t random_bits(uint64_t key, uint32_t counter_low, uint32_t counter_high) {
+  uint32_t h = mix32(counter_low ^ static_cast<uint32_t>(key));
+  h += static_cast<uint32_t>(key >> 32) ^ (counter_high * 0x9e3779b9u);
   return mix32(h);
+}
+
+LOWP_HD uint32_t random_bits(uint64_t key, uint64_t counter) {
+  return random_bits(key, static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32));
 }
 
 // Whether mode R, applied to a value of the given sign, rounds away from zero when it does
 // not land on the grid. Decides overflow to Inf vs. to the largest finite value (IEEE 754).
 template <Rounding R>
-LOWP_HD bool may_round_away(bool negative) {
-  if (R == Rounding::TowardZero) return false;
+LOWP_HD uint32_t may_round_away(uint32_t negative) {
+  if (R == Rounding::TowardZero) return 0u;
   if (R == Rounding::Down) return negative;
-  if (R == Rounding::Up) return !negative;
-  return true;
+  if (R == Rounding::Up) return negative ^ 1u;
+  return 1u;
 }
 
-// |x| (finite, given by its bits `a`) rounded to a multiple of 2^e_q with mode R.
-// `rbits` are 32 uniform random bits, used by Stochastic only.
+// |x| (finite, given by its bits `a`) rounded to a multiple of 2^e_q with mode R, as bits.
+// `negative` is 0 or 1; `rbits` are 32 uniform random bits, used by Stochastic only. Written with selects on
+// integers instead of branches, so that the CPU loop vectorises and GPU warps do not diverge.
 template <Rounding R>
-LOWP_HD float round_to_step(uint32_t a, int e_q, bool negative, uint32_t rbits) {
+LOWP_HD uint32_t round_to_step(uint32_t a, int e_q, uint32_t negative, uint32_t rbits) {
   const uint32_t biased = a >> 23;
   const uint32_t m = (a & 0x7fffffu) | (biased ? 0x800000u : 0u);  // significand
   const int e_lsb = max_int(static_cast<int>(biased), 1) - 150;      // exponent of its last bit
   const int drop = e_q - e_lsb;                                       // bits below the step
-  if (drop <= 0) return float_of(a);                                  // already on the grid
-
   // From 25 dropped bits on, the quotient is 0 and the remainder is below half the step.
-  const int d = min_int(drop, 25);
+  const int d = min_int(max_int(drop, 0), 25);
   const uint32_t k = m >> d;
   const uint32_t rem = m & ((1u << d) - 1u);
-  const uint32_t half = 1u << (d - 1);
-  bool up;
-  switch (R) {
-    case Rounding::Nearest: up = rem > half || (rem == half && (k & 1u)); break;
-    case Rounding::NearestAway: up = rem >= half; break;
-    case Rounding::TowardZero: up = false; break;
-    case Rounding::Down: up = negative && rem != 0; break;
-    case Rounding::Up: up = !negative && rem != 0; break;
-    default: {
-      // Up with probability rem / 2^drop: compare with the remainder scaled to 32 bits
-      // (exact for drop <= 32; beyond, the probability is below 2^-8 and resolved to 2^-32).
-      const uint32_t threshold = drop <= 32 ? rem << (32 - drop) : m >> min_int(drop - 32, 31);
-      up = rbits < threshold;
-    }
+  const uint32_t half = (1u << d) >> 1;
+  // inc: 1 to round the magnitude up. For drop <= 0 it is ignored (see the return).
+  uint32_t inc = 0;
+  if (R == Rounding::Nearest) inc = rem + (k & 1u) > half;  // ties to the even quotient
+  if (R == Rounding::NearestAway) inc = rem >= half;
+  if (R == Rounding::Down) inc = negative & (rem != 0u);
+  if (R == Rounding::Up) inc = (negative ^ 1u) & (rem != 0u);
+  if (R == Rounding::Stochastic) {
+    // Up with probability rem / 2^drop: compare with the remainder scaled to 32 bits
+    // (exact for drop <= 32; beyond, the probability is below 2^-8 and resolved to 2^-32).
+    const uint32_t scaled = rem << min_int(max_int(32 - drop, 0), 31);
+    const uint32_t tiny = m >> min_int(max_int(drop - 32, 0), 31);
+    inc = rbits < (drop <= 32 ? scaled : tiny);
   }
-  return scale_pow2(k + (up ? 1u : 0u), min_int(e_q, 127));
+  const uint32_t rounded = bits_of(scale_pow2(k + inc, min_int(e_q, 127)));
+  return drop > 0 ? rounded : a;  // drop <= 0: already on the grid
 }
 
-// The format's range: a rounded magnitude beyond the largest finite value either saturates,
-// or (formats with Inf codes, overflow="inf") becomes Inf if the mode rounds away from zero.
-template <Rounding R>
-LOWP_HD float apply_range(float mag, bool negative, float max_mag, bool overflow_inf) {
-  if (mag > max_mag) return overflow_inf && may_round_away<R>(negative) ? float_of(kInfBits) : max_mag;
-  return mag;
-}
-
-// One element: NaN stays NaN; Inf stays Inf where the format has it, else saturates.
+// One element: round |x|, then apply the format's range: a magnitude beyond the largest
+// finite one saturates, or (formats with Inf codes, overflow="inf") becomes Inf if the mode
+// rounds away from zero (IEEE 754). NaN stays NaN; Inf stays Inf where the format has it.
+// Non-negative floats order like their bits, so the range check compares integers.
 template <Rounding R>
 LOWP_HD float quantize_value(float x, int e_q, float max_pos, float max_neg, bool overflow_inf,
                              uint32_t rbits) {
   const uint32_t u = bits_of(x);
   const uint32_t sign = u & kSignBit;
   const uint32_t a = u ^ sign;
-  const bool negative = sign != 0;
-  const float max_mag = negative ? max_neg : max_pos;
-  if (a >= kInfBits) {
-    if (a > kInfBits || overflow_inf) return x;
-    return float_of(sign | bits_of(max_mag));
-  }
-  const float mag = apply_range<R>(round_to_step<R>(a, e_q, negative, rbits), negative, max_mag, overflow_inf);
-  return float_of(sign | bits_of(mag));
+  const uint32_t negative = sign >> 31;
+  const uint32_t max_mag = bits_of(negative ? max_neg : max_pos);
+  const uint32_t mag = round_to_step<R>(a, e_q, negative, rbits);
+  const uint32_t past = (static_cast<uint32_t>(overflow_inf) & may_round_away<R>(negative)) ? kInfBits : max_mag;
+  const uint32_t in_range = mag > max_mag ? past : mag;
+  const uint32_t special = a > kInfBits || overflow_inf ? u : (sign | max_mag);  // NaN, Inf
+  return float_of(a >= kInfBits ? special : (sign | in_range));
 }
 
 // ---- per-format grid step -------------------------------------------------------------
@@ -160,8 +162,8 @@ struct FormatParams {
 // Step exponent of a custom float around |x| (bits a).
 LOWP_HD int float_step_exponent(const FormatParams& p, uint32_t a) {
   const int e = static_cast<int>(a >> 23) - 127;  // float32 subnormals give -127: below every emin
-  if (e < p.emin) return p.subnormals ? p.emin - p.man : p.emin;
-  return e - p.man;
+  const int below_normals = p.subnormals ? p.emin - p.man : p.emin;
+  return e < p.emin ? below_normals : e - p.man;
 }
 
 // Step exponent and largest magnitude of a block whose largest finite magnitude has bits
@@ -193,9 +195,10 @@ LOWP_HD void block_step(uint32_t max_bits, int wl, int* e_q, float* max_mag) {
 }
 
 // Bits of |x| for the block maximum: finite magnitudes compare as integers; Inf/NaN count 0.
+// (A mask rather than a select: GCC vectorises the max-reduction over it.)
 LOWP_HD uint32_t finite_magnitude_bits(float x) {
   const uint32_t a = bits_of(x) & ~kSignBit;
-  return a < kInfBits ? a : 0u;
+  return a & (0u - static_cast<uint32_t>(a < kInfBits));
 }
 
 }  // namespace lowp

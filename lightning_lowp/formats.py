@@ -46,6 +46,7 @@ __all__ = [
 ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
 
 SPECIALS = ("ieee", "fn", "none")
+_FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
 OVERFLOWS = ("inf", "saturate")
 
 
@@ -76,16 +77,18 @@ class Format:
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
-        default = type(self)(*self._positional())
         extra = [
             f"{f.name}={_spec_value(getattr(self, f.name))}"
             for f in fields(self)
-            if f.name not in self._positional_names and getattr(self, f.name) != getattr(default, f.name)
+            if f.name not in self._positional_names and getattr(self, f.name) != self._default(f)
         ]
         return f"{self._spec_name}({','.join([str(v) for v in self._positional()] + extra)})"
 
     def _positional(self):
         return tuple(getattr(self, n) for n in self._positional_names)
+
+    def _default(self, field):
+        return field.default
 
 
 def _spec_value(v) -> str:
@@ -158,6 +161,16 @@ class FloatingPoint(Format):
             raise ValueError("exp=1 with specials='ieee' leaves no finite normal exponent; use exp >= 2")
         if self.specials == "fn" and self.exp == 1 and self.man == 0:
             raise ValueError("exp=1, man=0 with specials='fn' has no finite nonzero value")
+        if self.max_value > _FLOAT32_MAX:
+            raise ValueError(
+                f"exp={self.exp} with specials={self.specials!r} has values beyond float32's range "
+                f"(largest {self.max_value:.4g}), which the float32 simulation cannot hold; use specials='ieee'"
+            )
+
+    def _default(self, field):
+        if field.name == "overflow":
+            return "inf" if self.specials == "ieee" else "saturate"
+        return field.default
 
     @property
     def bias(self) -> int:
@@ -226,11 +239,12 @@ _GRAMMAR_HINT = (
 )
 
 
-def _parse_value(text: str):
-    low = text.lower()
-    if _INT_RE.match(low):
-        return int(low)
-    return {"true": True, "false": False, "none": None}.get(low, low)
+def _parse_value(key: str, text: str):
+    if key in ("specials", "overflow"):  # words, where "none" is a word too
+        return text
+    if _INT_RE.match(text):
+        return int(text)
+    return {"true": True, "false": False, "none": None}.get(text, text)
 
 
 def parse_format(spec: str) -> Format:
@@ -251,7 +265,7 @@ def parse_format(spec: str) -> Format:
             if key not in _FIELD_NAMES[cls]:
                 accepted = ", ".join(_FIELD_NAMES[cls])
                 raise ValueError(f"format spec {spec!r}: unknown keyword {key!r}; accepted: {accepted}")
-            kwargs[key] = _parse_value(value)
+            kwargs[key] = _parse_value(key, value)
         elif kwargs:
             raise ValueError(f"format spec {spec!r}: positional value after a keyword")
         elif not _INT_RE.match(item):

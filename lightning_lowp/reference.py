@@ -25,7 +25,7 @@ index of the element in the buffer the kernel walks, which :func:`kernel_counter
   along a dim that is not the last, that dim is first moved last, so ``i`` is the row-major
   index in ``x.movedim(dim, -1)``; in every other case it is the row-major logical index.
 
-A consequence: stochastic results depend on the memory layout of ``x``, not only on its
+A consequence of the counters: stochastic results depend on the memory layout of ``x``, not only on its
 values and the seed (``quantize(x.t().contiguous().t())`` draws differently from
 ``quantize(x)``); non-stochastic modes do not.
 """

@@ -22,7 +22,7 @@ import lightning_lowp as lp
 from lightning_lowp.formats import PRESETS, ROUNDING_MODES, BlockFloatingPoint, FixedPoint, FloatingPoint
 from lightning_lowp.reference import kernel_counters, random_bits, reference_quantize
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = 2.0**-149
 SPECIAL_VALUES = [0.0, -0.0, math.inf, -math.inf, math.nan, F32_MAX, -F32_MAX, F32_TINY, -F32_TINY, 2.0**-126]
@@ -109,7 +109,8 @@ def float_formats(draw):
     if draw(st.integers(0, 3)) == 0:
         return draw(st.sampled_from([f for f in PRESETS.values()]))
     specials = draw(st.sampled_from(["ieee", "fn", "none"]))
-    exp = draw(st.integers(2 if specials == "ieee" else 1, 8))
+    # exp=8 without Inf codes reaches past float32's range and is refused by FloatingPoint.
+    exp = draw(st.integers(2 if specials == "ieee" else 1, 8 if specials == "ieee" else 7))
     man = draw(st.integers(1 if (specials == "fn" and exp == 1) else 0, 23))
     overflow = draw(st.sampled_from(["inf", "saturate"])) if specials == "ieee" else "saturate"
     return FloatingPoint(exp, man, subnormals=draw(st.booleans()), specials=specials, overflow=overflow)
@@ -118,7 +119,7 @@ def float_formats(draw):
 @st.composite
 def block_formats(draw, ndim: int):
     wl = draw(st.integers(1, 25))
-    dim = draw(st.sampled_from([-1] + list(range(max(ndim, 1)))))
+    dim = draw(st.sampled_from(list(range(-max(ndim, 1), max(ndim, 1)))))
     block_size = draw(st.one_of(st.none(), st.integers(1, 9)))
     return BlockFloatingPoint(wl, dim=dim, block_size=block_size)
 
@@ -157,7 +158,7 @@ def float_adversarial(fmt: FloatingPoint, rng: np.random.Generator) -> torch.Ten
 
 def block_rows(wl: int, rng: np.random.Generator, cols: int = 12) -> torch.Tensor:
     """Rows meant as blocks: a chosen maximum, then ties/neighbours on that block's grid;
-    plus an all-zero row, rows holding Inf/NaN, and a row of a single NaN."""
+    plus an all-zero row (with -0), rows holding Inf/NaN, an all -Inf row but one 0, and NaN among zeros."""
     rows = []
     exps = [-149, -140, -127, -126, -125, -1, 0, 1, 20, 126, 127] + rng.integers(-149, 128, 3).tolist()
     for e in exps:
@@ -261,8 +262,9 @@ def test_presets_on_random_bit_patterns(name, rounding):
     [
         FloatingPoint(8, 7, subnormals=False),
         FloatingPoint(8, 23, subnormals=False),
-        FloatingPoint(8, 3, subnormals=False, specials="fn", overflow="saturate"),
-        FloatingPoint(8, 10, subnormals=False, specials="none"),
+        FloatingPoint(7, 3, subnormals=False, specials="fn", overflow="saturate"),
+        FloatingPoint(7, 10, subnormals=False, specials="none"),
+        FloatingPoint(8, 0, specials="fn"),
     ],
     ids=str,
 )
@@ -343,6 +345,8 @@ def test_stochastic_counters_follow_memory_order():
     assert kernel_counters(xt[::2], FixedPoint(8, 4))[0, 1] == 1  # not dense: logical order
     assert kernel_counters(xt, BlockFloatingPoint(8))[0, 1] == 1
     assert kernel_counters(x, BlockFloatingPoint(8, dim=0, block_size=4))[1, 0] == 1
+    for fmt in ("fixed(8,4)", "bf16"):  # channels-last 4-d: storage-order counters too
+        check(mixed_values((2, 3, 4, 5)).float().to(memory_format=torch.channels_last), fmt, "stochastic")
     for fmt in ("fixed(8,4)", "bfp(8,dim=0,block_size=4)"):
         got = lp.quantize(xt, fmt, "stochastic", generator=torch.Generator().manual_seed(0))
         key = torch.ops.lowp.draw_key(torch.Generator().manual_seed(0))
@@ -462,7 +466,7 @@ N_DRAWS = 2**16
         ("fp8_e4m3", -0.0123),
         ("fp4_e2m1", 4.9),
         ("float(5,10)", 3.0e-6),  # an fp16 subnormal
-        ("bfp(4,dim=0)", 0.3),  # the max of each one-element block sets its own exponent
+        ("bfp(4,dim=0)", 0.3),  # rows (0.3, 1.9) are the blocks: step 2^-2 around 0.3
     ],
 )
 def test_stochastic_is_unbiased_between_neighbours(fmt, value):
@@ -489,7 +493,7 @@ def test_stochastic_is_unbiased_between_neighbours(fmt, value):
     assert abs(mean - xv) <= 6 * se + (hi_v - lo_v) * 2.0**-32, (mean, xv, se)
 
 
-@pytest.mark.parametrize("fmt", ["fixed(8,0)", "float(2,0,specials=none)", "bfp(2)"])
+@pytest.mark.parametrize("fmt", ["fixed(8,0)", FloatingPoint(2, 0, specials="none"), "bfp(2)"], ids=repr)
 def test_stochastic_threshold_is_exact(fmt):
     """Rounds away from zero iff r < floor(frac * 2^32). In each format the step around [0, 1)
     is 1 (bfp(2): the block maximum 1.0 sets it), so frac = x. Pick elements whose random bits

@@ -1,0 +1,136 @@
+// CPU kernels: at::parallel_for over contiguous spans, a plain inner loop the compiler
+// vectorises, and the scalar arithmetic of rounding.h.
+//
+// This file is compiled once per instruction set (quantize_cpu.cpp: the baseline;
+// quantize_cpu_avx2.cpp: AVX2), each time into its own namespace LOWP_CPU_ISA, and
+// quantize_cpu() picks the best one the processor supports at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "quantize.h"
+
+namespace lowp {
+namespace LOWP_CPU_ISA {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per task: large enough to amortise scheduling
+
+// Calls f(begin, end, block) in parallel over contiguous runs of elements that lie in one
+// block (for the element-wise formats: the whole tensor, one "block", cut into pieces).
+template <typename F>
+void for_each_span(const BlockLayout& layout, F&& f) {
+  const int64_t per_dim = (layout.dim_size + layout.block_len - 1) / layout.block_len;
+  const int64_t item_len = layout.block_len * layout.inner;
+  const int64_t pieces = std::max<int64_t>(1, (item_len + kGrain - 1) / kGrain);
+  const int64_t items = layout.outer * per_dim;
+  at::parallel_for(0, items * pieces, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t item = p / pieces, piece = p % pieces;
+      const int64_t o = item / per_dim, c = item % per_dim;
+      const int64_t d0 = c * layout.block_len;
+      const int64_t d1 = std::min(layout.dim_size, d0 + layout.block_len);
+      const int64_t start = (o * layout.dim_size + d0) * layout.inner;
+      const int64_t stop = (o * layout.dim_size + d1) * layout.inner;
+      const int64_t begin = start + piece * kGrain;
+      const int64_t end = std::min(stop, begin + kGrain);
+      if (begin < end) f(begin, end, layout.blocks_per_outer ? o * layout.blocks_per_outer + c : c);
+    }
+  });
+}
+
+// Elements [begin, end) with one block's step and range; the loop body is branch-free
+// (rounding.h) and its counter 32-bit, so the compiler vectorises it. The caller splits
+// spans at multiples of 2^32, where the high word of the stochastic-rounding counter changes.
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
+                   const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
+  const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
+  const uint32_t counter_low = static_cast<uint32_t>(begin);
+  const uint32_t n = static_cast<uint32_t>(end - begin);
+  const bool overflow_inf = p.overflow_inf;
+  in += begin;
+  out += begin;
+  for (uint32_t j = 0; j < n; ++j) {
+    const float x = static_cast<float>(in[j]);
+    const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+    out[j] = static_cast<scalar_t>(
+        quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, overflow_inf, r));
+  }
+}
+
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, const FormatParams& p,
+                    int block_e_q, float max_pos, float max_neg, uint64_t key) {
+  const int64_t wrap = (begin | 0xFFFFFFFFLL) + 1;  // next multiple of 2^32
+  if (end > wrap) {
+    quantize_span<K, R>(in, out, begin, wrap, p, block_e_q, max_pos, max_neg, key);
+    begin = wrap;
+  }
+  quantize_span<K, R>(in, out, begin, end, p, block_e_q, max_pos, max_neg, key);
+}
+
+// Largest finite magnitude in [begin, end), as float32 bits (a vectorised max-reduction).
+template <typename scalar_t>
+uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end) {
+  const uint32_t n = static_cast<uint32_t>(end - begin);
+  in += begin;
+  uint32_t m = 0;
+  for (uint32_t j = 0; j < n; ++j) {
+    const uint32_t a = finite_magnitude_bits(static_cast<float>(in[j]));
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// Largest finite magnitude (as float32 bits) of every block, without a temporary tensor.
+template <typename scalar_t>
+std::vector<uint32_t> block_maxima(const scalar_t* in, const BlockLayout& layout) {
+  const int64_t n = layout.num_blocks();
+  std::unique_ptr<std::atomic<uint32_t>[]> maxima(new std::atomic<uint32_t>[n]);
+  for (int64_t b = 0; b < n; ++b) maxima[b].store(0u, std::memory_order_relaxed);
+  for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
+    const uint32_t m = span_max(in, begin, end);
+    uint32_t seen = maxima[block].load(std::memory_order_relaxed);
+    while (m > seen && !maxima[block].compare_exchange_weak(seen, m, std::memory_order_relaxed)) {
+    }
+  });
+  std::vector<uint32_t> result(n);
+  for (int64_t b = 0; b < n; ++b) result[b] = maxima[b].load(std::memory_order_relaxed);
+  return result;
+}
+
+}  // namespace
+
+void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                  const BlockLayout& layout) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cpu", [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    std::vector<int> block_e_q;
+    std::vector<float> block_max;
+    if (p.kind == Kind::Block) {
+      const std::vector<uint32_t> maxima = block_maxima(src, layout);
+      block_e_q.resize(maxima.size());
+      block_max.resize(maxima.size());
+      for (size_t b = 0; b < maxima.size(); ++b) block_step(maxima[b], p.wl, &block_e_q[b], &block_max[b]);
+    }
+    dispatch_kind(p.kind, [&](auto kind) {
+      dispatch_rounding(mode, [&](auto rounding) {
+        for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
+          const bool blocked = decltype(kind)::value == Kind::Block;
+          quantize_range<decltype(kind)::value, decltype(rounding)::value>(
+              src, dst, begin, end, p, blocked ? block_e_q[block] : 0, blocked ? block_max[block] : p.max_pos,
+              blocked ? block_max[block] : p.max_neg, key);
+        });
+      });
+    });
+  });
+}
+
+}  // namespace LOWP_CPU_ISA
+}  // namespace lowp

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a virtual environment in .venv with the pinned dependencies, and
+# the compiled kernels (C++ always; CUDA wherever nvcc is found). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt
+
+# torch finds nvcc through CUDA_HOME; the nvcc on PATH may be a wrapper script.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+# Without a GPU to detect, build for Hopper only (torch would otherwise build every arch).
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi >/dev/null 2>&1; then export TORCH_CUDA_ARCH_LIST=9.0; fi
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "building lightning_lowp (CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-auto})"
+.venv/bin/python -m pip install --quiet --no-build-isolation -e .
+.venv/bin/python -c "import lightning_lowp.ops as o; print('lightning_lowp ready; CUDA kernels built:', o.BUILT_WITH_CUDA)"
