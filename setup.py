@@ -20,8 +20,11 @@ extension = (CUDAExtension if with_cuda else CppExtension)(
     name="lightning_lowp._C",
     sources=sources,
     define_macros=[("LOWP_WITH_CUDA", None)] if with_cuda else [],
-    # -fno-trapping-math lets GCC evaluate both sides of a select, which the vectoriser needs.
-    extra_compile_args={"cxx": ["-O3", "-fno-trapping-math"], "nvcc": ["-O3"]},
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled into our code (without the flag it
+    # runs on one thread); -fno-trapping-math lets GCC evaluate both sides of a select, which
+    # the vectoriser needs.
+    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"], "nvcc": ["-O3"]},
+    extra_link_args=["-fopenmp"],
 )
 
 setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})

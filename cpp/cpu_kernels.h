@@ -19,6 +19,17 @@ namespace LOWP_CPU_ISA {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per task: large enough to amortise scheduling
+constexpr int64_t kTile = 2048;      // elements computed while the next tile is prefetched
+
+// Asks for the elements kTile past [begin, end) (up to `limit`) to be brought into cache.
+// The loops below walk memory in tiles and prefetch ahead by hand: on the machines we
+// measured, the hardware prefetcher alone left these compute-heavy streaming loops 3x slower
+// than the same loops on cached data. Short spans (small blocks) prefetch as much as they use.
+template <typename scalar_t>
+void prefetch_ahead(const scalar_t* data, int64_t begin, int64_t end, int64_t limit) {
+  const int64_t stop = std::min(end + kTile, limit);
+  for (int64_t j = begin + kTile; j < stop; j += 64 / sizeof(scalar_t)) __builtin_prefetch(data + j);
+}
 
 // Calls f(begin, end, block) in parallel over contiguous runs of elements that lie in one
 // block (for the element-wise formats: the whole tensor, one "block", cut into pieces).
@@ -29,9 +40,9 @@ void for_each_span(const BlockLayout& layout, F&& f) {
   const int64_t pieces = std::max<int64_t>(1, (item_len + kGrain - 1) / kGrain);
   const int64_t items = layout.outer * per_dim;
   at::parallel_for(0, items * pieces, 1, [&](int64_t lo, int64_t hi) {
+    // piece p = (o * per_dim + c) * pieces + piece; counted up, not divided (blocks can be short)
+    int64_t piece = lo % pieces, c = (lo / pieces) % per_dim, o = (lo / pieces) / per_dim;
     for (int64_t p = lo; p < hi; ++p) {
-      const int64_t item = p / pieces, piece = p % pieces;
-      const int64_t o = item / per_dim, c = item % per_dim;
       const int64_t d0 = c * layout.block_len;
       const int64_t d1 = std::min(layout.dim_size, d0 + layout.block_len);
       const int64_t start = (o * layout.dim_size + d0) * layout.inner;
@@ -39,6 +50,13 @@ void for_each_span(const BlockLayout& layout, F&& f) {
       const int64_t begin = start + piece * kGrain;
       const int64_t end = std::min(stop, begin + kGrain);
       if (begin < end) f(begin, end, layout.blocks_per_outer ? o * layout.blocks_per_outer + c : c);
+      if (++piece == pieces) {
+        piece = 0;
+        if (++c == per_dim) {
+          c = 0;
+          ++o;
+        }
+      }
     }
   });
 }
@@ -48,41 +66,49 @@ void for_each_span(const BlockLayout& layout, F&& f) {
 // spans at multiples of 2^32, where the high word of the stochastic-rounding counter changes.
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
-                   const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
+                   int64_t numel, const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
   const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
-  const uint32_t counter_low = static_cast<uint32_t>(begin);
-  const uint32_t n = static_cast<uint32_t>(end - begin);
   const bool overflow_inf = p.overflow_inf;
-  in += begin;
-  out += begin;
-  for (uint32_t j = 0; j < n; ++j) {
-    const float x = static_cast<float>(in[j]);
-    const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
-    out[j] = static_cast<scalar_t>(
-        quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, overflow_inf, r));
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t stop = std::min(end, t + kTile);
+    prefetch_ahead(in, t, stop, numel);
+    const scalar_t* tile_in = in + t;
+    scalar_t* tile_out = out + t;
+    const uint32_t counter_low = static_cast<uint32_t>(t);
+    const uint32_t n = static_cast<uint32_t>(stop - t);
+    for (uint32_t j = 0; j < n; ++j) {
+      const float x = static_cast<float>(tile_in[j]);
+      const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+      tile_out[j] = static_cast<scalar_t>(
+          quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, overflow_inf, r));
+    }
   }
 }
 
 template <Kind K, Rounding R, typename scalar_t>
-void quantize_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, const FormatParams& p,
-                    int block_e_q, float max_pos, float max_neg, uint64_t key) {
+void quantize_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t numel,
+                    const FormatParams& p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
   const int64_t wrap = (begin | 0xFFFFFFFFLL) + 1;  // next multiple of 2^32
   if (end > wrap) {
-    quantize_span<K, R>(in, out, begin, wrap, p, block_e_q, max_pos, max_neg, key);
+    quantize_span<K, R>(in, out, begin, wrap, numel, p, block_e_q, max_pos, max_neg, key);
     begin = wrap;
   }
-  quantize_span<K, R>(in, out, begin, end, p, block_e_q, max_pos, max_neg, key);
+  quantize_span<K, R>(in, out, begin, end, numel, p, block_e_q, max_pos, max_neg, key);
 }
 
 // Largest finite magnitude in [begin, end), as float32 bits (a vectorised max-reduction).
 template <typename scalar_t>
-uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end) {
-  const uint32_t n = static_cast<uint32_t>(end - begin);
-  in += begin;
+uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end, int64_t numel) {
   uint32_t m = 0;
-  for (uint32_t j = 0; j < n; ++j) {
-    const uint32_t a = finite_magnitude_bits(static_cast<float>(in[j]));
-    m = a > m ? a : m;
+  for (int64_t t = begin; t < end; t += kTile) {
+    const int64_t stop = std::min(end, t + kTile);
+    prefetch_ahead(in, t, stop, numel);
+    const scalar_t* tile = in + t;
+    const uint32_t n = static_cast<uint32_t>(stop - t);
+    for (uint32_t j = 0; j < n; ++j) {
+      const uint32_t a = finite_magnitude_bits(static_cast<float>(tile[j]));
+      m = a > m ? a : m;
+    }
   }
   return m;
 }
@@ -94,7 +120,7 @@ std::vector<uint32_t> block_maxima(const scalar_t* in, const BlockLayout& layout
   std::unique_ptr<std::atomic<uint32_t>[]> maxima(new std::atomic<uint32_t>[n]);
   for (int64_t b = 0; b < n; ++b) maxima[b].store(0u, std::memory_order_relaxed);
   for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-    const uint32_t m = span_max(in, begin, end);
+    const uint32_t m = span_max(in, begin, end, layout.numel());
     uint32_t seen = maxima[block].load(std::memory_order_relaxed);
     while (m > seen && !maxima[block].compare_exchange_weak(seen, m, std::memory_order_relaxed)) {
     }
@@ -111,22 +137,34 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cpu", [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    std::vector<int> block_e_q;
-    std::vector<float> block_max;
-    if (p.kind == Kind::Block) {
-      const std::vector<uint32_t> maxima = block_maxima(src, layout);
-      block_e_q.resize(maxima.size());
-      block_max.resize(maxima.size());
-      for (size_t b = 0; b < maxima.size(); ++b) block_step(maxima[b], p.wl, &block_e_q[b], &block_max[b]);
-    }
+    const int64_t numel = layout.numel();
     dispatch_kind(p.kind, [&](auto kind) {
+      constexpr Kind K = decltype(kind)::value;
       dispatch_rounding(mode, [&](auto rounding) {
-        for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-          const bool blocked = decltype(kind)::value == Kind::Block;
-          quantize_range<decltype(kind)::value, decltype(rounding)::value>(
-              src, dst, begin, end, p, blocked ? block_e_q[block] : 0, blocked ? block_max[block] : p.max_pos,
-              blocked ? block_max[block] : p.max_neg, key);
-        });
+        constexpr Rounding R = decltype(rounding)::value;
+        if (K != Kind::Block) {
+          for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
+            quantize_range<K, R>(src, dst, begin, end, numel, p, 0, p.max_pos, p.max_neg, key);
+          });
+        } else if (layout.blocks_per_outer && layout.block_len * layout.inner <= kGrain) {
+          // Every span is one whole, small block (block_size runs): one pass, the block
+          // maximum taken while its elements are in cache.
+          for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
+            int e_q;
+            float max_mag;
+            block_step(span_max(src, begin, end, numel), p.wl, &e_q, &max_mag);
+            quantize_range<K, R>(src, dst, begin, end, numel, p, e_q, max_mag, max_mag, key);
+          });
+        } else {  // blocks spread over many spans: their maxima first, then the rounding
+          const std::vector<uint32_t> maxima = block_maxima(src, layout);
+          std::vector<int> block_e_q(maxima.size());
+          std::vector<float> block_max(maxima.size());
+          for (size_t b = 0; b < maxima.size(); ++b) block_step(maxima[b], p.wl, &block_e_q[b], &block_max[b]);
+          for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
+            quantize_range<K, R>(src, dst, begin, end, numel, p, block_e_q[block], block_max[block],
+                                 block_max[block], key);
+          });
+        }
       });
     });
   });

@@ -24,6 +24,7 @@ struct BlockLayout {
   int64_t outer = 1, dim_size = 1, inner = 1;
   int64_t block_len = 1;          // indices of dim per block
   int64_t blocks_per_outer = 0;   // 0: blocks shared by every outer index
+  LOWP_HD int64_t numel() const { return outer * dim_size * inner; }
   LOWP_HD int64_t num_blocks() const {
     const int64_t per_dim = (dim_size + block_len - 1) / block_len;
     return blocks_per_outer ? outer * per_dim : per_dim;

@@ -171,3 +171,13 @@ def test_torch_compile_traces_without_graph_breaks():
 
     y = torch.randn(4, 6)
     assert torch.equal(torch.compile(inplace, fullgraph=True, backend="aot_eager")(y), inplace(y))
+
+
+def test_large_blocks_take_the_two_pass_path_and_match_the_reference():
+    from lightning_lowp.reference import reference_quantize
+
+    # runs of 40000 > one CPU task's 32768 elements: maxima first, then rounding
+    x = torch.randn(3, 100_000) * torch.logspace(-3, 3, 100_000)
+    for rounding in ("nearest", "up"):
+        got = lp.quantize(x, "bfp(6,block_size=40000)", rounding)
+        assert torch.equal(got, reference_quantize(x, "bfp(6,block_size=40000)", rounding))
