@@ -181,8 +181,11 @@ LOWP_HD void block_step(uint32_t max_bits, int wl, int* e_q, float* max_mag) {
   if (biased) {
     e = static_cast<int>(biased) - 127;
   } else {
-    int top = 22;  // highest set bit of a subnormal
-    while (!((max_bits >> top) & 1u)) --top;
+#if defined(__CUDA_ARCH__)
+    const int top = 31 - __clz(max_bits);  // highest set bit of a subnormal
+#else
+    const int top = 31 - __builtin_clz(max_bits);
+#endif
     e = top - 149;
   }
   *e_q = e - wl + 2;
