@@ -1,7 +1,8 @@
 """lightning_lowp: simulate low-precision training in PyTorch Lightning.
 
 Number formats (fixed point, custom floats, block floating point, FP8), exact rounding
-kernels in C++/CUDA, and their functional and autograd API. See README.md.
+kernels in C++/CUDA, their functional and autograd API, recipes, and Lightning callbacks.
+See README.md.
 """
 
 from lightning_lowp.autograd import Quantizer, quantizer
@@ -15,6 +16,8 @@ from lightning_lowp.formats import (
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_
+from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
+from lightning_lowp.callbacks import QuantizeActivations  # noqa: E402  (needs lightning)
 
 __version__ = "0.1.0"
 
@@ -30,4 +33,9 @@ __all__ = [
     "quantize_",
     "quantizer",
     "Quantizer",
+    "Recipe",
+    "register_recipe",
+    "get_recipe",
+    "list_recipes",
+    "QuantizeActivations",
 ]

@@ -1,0 +1,106 @@
+"""Recipes: named bundles of formats and rounding modes for every role in training.
+
+A recipe says what each quantity is stored in: weights, gradients, optimizer state
+(momentum), the high-precision weight accumulators, activations and errors (the gradients
+flowing back between layers). ``None`` leaves a role in float32. ``LowPrecision.from_name``
+and ``QuantizeActivations.from_name`` take the same names, so one name sets a whole recipe.
+
+    >>> import lightning_lowp as lp
+    >>> lp.list_recipes()[:3]
+    ['bf16', 'bfp8', 'fixed8']
+    >>> lp.get_recipe("bfp8").weight
+    BlockFloatingPoint(wl=8, dim=-1, block_size=None)
+    >>> lp.register_recipe("fp8_mixed", lp.Recipe(weight="fp8_e4m3", activation="fp8_e4m3",
+    ...                                          error="fp8_e5m2", grad="fp8_e5m2"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Union
+
+from lightning_lowp.formats import Format, as_format, check_rounding
+
+__all__ = ["Recipe", "register_recipe", "get_recipe", "list_recipes"]
+
+FormatLike = Optional[Union[Format, str]]
+ROLES = ("weight", "grad", "momentum", "acc", "activation", "error")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Formats (a format, a spec string, or None for float32) and rounding modes per role."""
+
+    weight: FormatLike = None
+    grad: FormatLike = None
+    momentum: FormatLike = None
+    acc: FormatLike = None
+    activation: FormatLike = None
+    error: FormatLike = None
+    weight_rounding: str = "nearest"
+    grad_rounding: str = "nearest"
+    momentum_rounding: str = "nearest"
+    acc_rounding: str = "nearest"
+    activation_rounding: str = "nearest"
+    error_rounding: str = "nearest"
+
+    def __post_init__(self):
+        for role in ROLES:
+            value = getattr(self, role)
+            if value is not None:
+                object.__setattr__(self, role, as_format(value, role))
+            check_rounding(getattr(self, f"{role}_rounding"), f"{role}_rounding")
+
+    def __str__(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"Recipe({', '.join(parts)})"
+
+
+def _seed_recipe(low: Format) -> Recipe:
+    """The seed notebook's setting: `low` for weights, gradients, activations and errors,
+    bf16 momentum and accumulators, round to nearest. (The seed asks for stochastic rounding
+    of gradients and momentum, but OptimLP applies only a Quantizer's forward rounding, so
+    its runs round to nearest; these recipes reproduce what it ran.)"""
+    return Recipe(weight=low, grad=low, momentum="bf16", acc="bf16", activation=low, error=low)
+
+
+def _float_recipe(fmt: str) -> Recipe:
+    """Weights, gradients, activations and errors in `fmt`; momentum and accumulators bf16,
+    or float32 when `fmt` is itself 16 bits wide (the usual master-weights setting)."""
+    state = None if fmt in ("bf16", "fp16") else "bf16"
+    return Recipe(weight=fmt, grad=fmt, momentum=state or fmt, acc=state, activation=fmt, error=fmt)
+
+
+_RECIPES: Dict[str, Recipe] = {
+    "fixed8": _seed_recipe(as_format("fixed(8,7)")),
+    "bfp8": _seed_recipe(as_format("bfp(8)")),
+    "bf16": _float_recipe("bf16"),
+    "fp16": _float_recipe("fp16"),
+    "fp8_e4m3": _float_recipe("fp8_e4m3"),
+    "fp8_e5m2": _float_recipe("fp8_e5m2"),
+}
+
+
+def register_recipe(name: str, recipe: Recipe, overwrite: bool = False) -> None:
+    """Make ``recipe`` available by ``name`` to every ``from_name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"recipe name must be a non-empty str, got {name!r}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a lightning_lowp.Recipe, got {type(recipe).__name__}")
+    if name in _RECIPES and not overwrite:
+        raise ValueError(f"a recipe named {name!r} exists already; pass overwrite=True to replace it")
+    _RECIPES[name] = recipe
+
+
+def get_recipe(name: Union[str, Recipe]) -> Recipe:
+    """The recipe registered as ``name`` (a Recipe is returned as is)."""
+    if isinstance(name, Recipe):
+        return name
+    if name not in _RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes())}")
+    return _RECIPES[name]
+
+
+def list_recipes() -> List[str]:
+    """The names of the registered recipes, sorted."""
+    return sorted(_RECIPES)
