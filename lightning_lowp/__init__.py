@@ -17,7 +17,8 @@ from lightning_lowp.formats import (
 )
 from lightning_lowp.functional import quantize, quantize_
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
-from lightning_lowp.callbacks import QuantizeActivations  # noqa: E402  (needs lightning)
+from lightning_lowp.callbacks import QuantizeActivations
+from lightning_lowp.plugins import LowPrecision
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "get_recipe",
     "list_recipes",
     "QuantizeActivations",
+    "LowPrecision",
 ]

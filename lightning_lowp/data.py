@@ -1,0 +1,368 @@
+"""The seed notebook's model and data as Lightning objects: ``LeNet`` and ``MNISTFamily``.
+
+``MNISTFamily`` reads the IDX files of MNIST or Fashion-MNIST itself (gzip or raw) into
+in-memory tensors, so it works offline and costs no per-item transform:
+
+    >>> import lightning.pytorch as pl
+    >>> from lightning_lowp.data import LeNet, MNISTFamily
+    >>> dm = MNISTFamily("auto", batch_size=64)            # MNIST if it can be had, else Fashion-MNIST
+    >>> pl.Trainer(max_epochs=1).fit(LeNet(), datamodule=dm)  # doctest: +SKIP
+
+Where the files come from, in order: an explicit ``data_dir`` holding the four IDX files
+(also ``<data_dir>/MNIST/raw`` and ``<data_dir>/FashionMNIST/raw``, torchvision's layout);
+for Fashion-MNIST the Debian package's directory (``apt-get install dataset-fashion-mnist``
+puts the files in ``/usr/share/datasets/fashion-mnist``); for MNIST a torchvision download
+into ``data_dir`` (default ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``), which
+needs network access.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["LeNet", "MNISTFamily", "read_idx", "DATASETS", "DEBIAN_FASHION_MNIST_DIR"]
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the gzipped IDX files.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+#: Per dataset: torchvision's folder name and the pixel mean and std (of [0, 1] pixels) used to
+#: normalize. MNIST's are the seed notebook's; Fashion-MNIST's are its training set's own.
+DATASETS: Dict[str, Dict[str, object]] = {
+    "mnist": {"folder": "MNIST", "mean": 0.1307, "std": 0.3081},
+    "fashion-mnist": {"folder": "FashionMNIST", "mean": 0.2860, "std": 0.3530},
+}
+
+_SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FILES = [name for pair in _SPLITS.values() for name in pair]
+
+# IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/, "IDX file format").
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# ---- IDX files ------------------------------------------------------------------------
+
+
+def read_idx(path: Union[str, Path]) -> torch.Tensor:
+    """An IDX file (``.gz`` or raw, told apart by content) as a tensor of its shape and type.
+
+    uint8 data (images, labels) comes back as ``torch.uint8``; other types in their native
+    width. Raises ``ValueError`` on a bad magic number or a size that does not match the header.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header != count * dtype.itemsize:
+        raise ValueError(
+            f"{path}: header says shape {tuple(shape)} ({count * dtype.itemsize} bytes of data), "
+            f"file has {len(data) - header}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def _find_file(directory: Path, name: str) -> Optional[Path]:
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds all four IDX files (each raw or gzipped)."""
+    return directory.is_dir() and all(_find_file(directory, n) is not None for n in _FILES)
+
+
+def _looks_like(directory: Path) -> str:
+    """Which of the two datasets the IDX files in ``directory`` hold, by their mean test pixel
+    (MNIST 0.13, Fashion-MNIST 0.29: the file names are the same)."""
+    path = _find_file(directory, _SPLITS["test"][0])
+    return _looks_like_file(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _looks_like_file(path: str, mtime_ns: int) -> str:
+    images = read_idx(path)
+    return "mnist" if images[:2000].float().mean().item() / 255 < 0.21 else "fashion-mnist"
+
+
+def _download_mnist(root: Path) -> None:
+    """Download MNIST with torchvision into ``root/MNIST/raw`` (raises when offline)."""
+    import torchvision  # only needed here; slow to import
+
+    torchvision.datasets.MNIST(str(root), download=True)
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("LOWP_DATA_DIR") or Path.home() / ".cache" / "lightning_lowp")
+
+
+# ---- the data module --------------------------------------------------------------------
+
+
+class MNISTFamily(pl.LightningDataModule):
+    """MNIST or Fashion-MNIST from IDX files, as normalized in-memory tensors.
+
+    Args:
+        dataset: ``"mnist"``, ``"fashion-mnist"``, or ``"auto"``: MNIST if its files are found
+            or can be downloaded, else Fashion-MNIST.
+        data_dir: a directory holding the four IDX files (``train-images-idx3-ubyte``,
+            ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``,
+            each raw or ``.gz``), or torchvision's layout below it (``MNIST/raw``,
+            ``FashionMNIST/raw``); also where MNIST is downloaded to. Default:
+            ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``; it is searched the same way.
+        batch_size: as the seed notebook (64).
+        num_workers: DataLoader workers (the tensors are in memory: 0 is usually fastest).
+        train_limit, val_limit: use only the first N training / test examples (quick runs, CI).
+        download: allow the torchvision download of MNIST.
+
+    The training split is the 60,000 training images (shuffled each epoch); validation and
+    test both use the 10,000 test images, as the seed notebook evaluates on them after every
+    epoch. Images are ``float32`` of shape ``(N, 1, 28, 28)``, normalized with the dataset's
+    pixel mean and std (MNIST: the seed's 0.1307, 0.3081; Fashion-MNIST: 0.2860, 0.3530);
+    labels are ``int64``. After ``prepare_data``/``setup``, ``dataset_name`` says which
+    dataset is used and ``source_dir`` where its files were read from.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "auto",
+        data_dir: Optional[Union[str, Path]] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        train_limit: Optional[int] = None,
+        val_limit: Optional[int] = None,
+        download: bool = True,
+    ):
+        super().__init__()
+        if dataset not in ("auto", *DATASETS):
+            raise ValueError(f"dataset must be one of 'auto', {', '.join(map(repr, DATASETS))}; got {dataset!r}")
+        for name, value in (("train_limit", train_limit), ("val_limit", val_limit)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_limit = train_limit
+        self.val_limit = val_limit
+        self.download = download
+        self.dataset_name: Optional[str] = None
+        self.source_dir: Optional[Path] = None
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+        self.num_classes = 10
+        self.dims = (1, 28, 28)
+
+    # ---- finding the files --------------------------------------------------------------
+
+    def _candidates(self, name: str, system: bool = True) -> List[Path]:
+        """Directories that may hold ``name``'s files, in order of preference (``system``:
+        with the Debian package's directory)."""
+        folder = DATASETS[name]["folder"]
+        roots = [self.data_dir] if self.data_dir is not None else [_default_root()]
+        dirs = []
+        for root in roots:
+            dirs += [root, root / folder / "raw"]
+        if name == "fashion-mnist" and system:
+            dirs.append(DEBIAN_FASHION_MNIST_DIR)
+        return dirs
+
+    def _locate(self, name: str, system: bool = True) -> Optional[Path]:
+        for directory in self._candidates(name, system):
+            # A bare directory of IDX files could hold either dataset: check which.
+            if _complete(directory) and (directory.name == "raw" or directory == DEBIAN_FASHION_MNIST_DIR
+                                         or _looks_like(directory) == name):
+                return directory
+        return None
+
+    def _resolve(self, download: bool) -> Tuple[str, Path]:
+        """(dataset name, directory of its IDX files); raises FileNotFoundError saying how to
+        get a dataset if none can be had."""
+        wanted = ["mnist", "fashion-mnist"] if self.dataset == "auto" else [self.dataset]
+        errors = []
+
+        def try_download():
+            root = self.data_dir if self.data_dir is not None else _default_root()
+            try:
+                _download_mnist(root)
+            except Exception as err:  # offline: URLError, RuntimeError, ...
+                message = " ".join(str(err).split())
+                errors.append(f"downloading MNIST into {root} failed ({type(err).__name__}: {message[:300]})")
+            return self._locate("mnist")
+
+        if self.dataset == "mnist":
+            found = self._locate("mnist") or (try_download() if download else None)
+            if found is not None:
+                return "mnist", found
+        elif self.dataset == "fashion-mnist":
+            found = self._locate("fashion-mnist")
+            if found is not None:
+                return "fashion-mnist", found
+        else:  # "auto": MNIST on disk; Fashion-MNIST in an explicit data_dir; MNIST download; Debian's
+            found = self._locate("mnist")
+            if found is not None:
+                return "mnist", found
+            if self.data_dir is not None:
+                found = self._locate("fashion-mnist", system=False)
+                if found is not None:
+                    return "fashion-mnist", found
+            found = try_download() if download else None
+            if found is not None:
+                return "mnist", found
+            found = self._locate("fashion-mnist")
+            if found is not None:
+                return "fashion-mnist", found
+        searched = [str(d) for name in wanted for d in self._candidates(name)]
+        raise FileNotFoundError(
+            f"no {' or '.join(wanted)} IDX files found (looked in: {', '.join(dict.fromkeys(searched))})"
+            + (f"; {'; '.join(errors)}" if errors else "")
+            + ". To get a dataset: `apt-get install dataset-fashion-mnist` (Fashion-MNIST, into "
+            f"{DEBIAN_FASHION_MNIST_DIR}), or pass data_dir= a directory holding "
+            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            "t10k-labels-idx1-ubyte (raw or .gz), or be online for the MNIST download"
+            + ("" if download or "mnist" not in wanted else " (and pass download=True)")
+            + "."
+        )
+
+    def prepare_data(self) -> None:
+        """Find the files, downloading MNIST if needed and allowed (Lightning: rank 0 only)."""
+        self.dataset_name, self.source_dir = self._resolve(download=self.download)
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _load(self, split: str, limit: Optional[int]) -> TensorDataset:
+        image_file, label_file = (_find_file(self.source_dir, n) for n in _SPLITS[split])
+        images, labels = read_idx(image_file), read_idx(label_file)
+        if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"{image_file} / {label_file}: expected (N, H, W) images and N labels, "
+                f"got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        stats = DATASETS[self.dataset_name]
+        x = images.unsqueeze(1).float().div_(255).sub_(stats["mean"]).div_(stats["std"])
+        return TensorDataset(x, labels.long())
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.source_dir is None:  # ranks other than 0, or setup() called directly
+            try:
+                self.dataset_name, self.source_dir = self._resolve(download=False)
+            except FileNotFoundError:
+                if not self.download:
+                    raise
+                self.dataset_name, self.source_dir = self._resolve(download=True)
+        rank_zero_info(f"MNISTFamily: using {self.dataset_name} from {self.source_dir}")
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._load("train", self.train_limit)
+        if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
+            self.val_set = self._load("test", self.val_limit)
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+# ---- the model --------------------------------------------------------------------------
+
+
+class LeNet(pl.LightningModule):
+    """The seed notebook's LeNet (conv 1->20 k5, pool, conv 20->50 k5, pool, fc 800->500,
+    fc 500->10, ReLU) and its SGD (lr 0.05, momentum 0.9, weight decay 1e-4).
+
+    ``forward`` returns logits; the loss is ``F.cross_entropy``. Logs ``train/loss``,
+    ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (accuracy as a fraction).
+    """
+
+    def __init__(self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4, num_classes: int = 10):
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv1 = nn.Conv2d(1, 20, 5, 1)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.fc1 = nn.Linear(4 * 4 * 50, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )

@@ -1,0 +1,195 @@
+"""The precision plugin: weights, gradients, optimizer state and accumulators in low precision."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from torch.optim import LBFGS, Optimizer
+
+from lightning_lowp.functional import quantize_
+from lightning_lowp.recipes import FormatLike, Recipe, get_recipe
+
+__all__ = ["LowPrecision"]
+
+# The recipe fields this plugin uses (activations and errors belong to QuantizeActivations).
+_ARGUMENTS = ("weight", "grad", "momentum", "acc", "weight_rounding", "grad_rounding", "momentum_rounding",
+              "acc_rounding")
+
+
+class LowPrecision(Precision):
+    """Simulates training with weights, gradients, optimizer state and weight accumulators
+    stored in low-precision formats (QPyTorch's ``OptimLP``, as a Lightning plugin).
+
+    Around each optimizer step, in this order (the order of ``OptimLP``):
+
+    1. the gradients, after Lightning's accumulation and clipping, are multiplied by
+       ``grad_scale`` and quantized to ``grad``;
+    2. with ``acc``, each weight is replaced by its high-precision accumulator;
+    3. the optimizer steps (any torch optimizer that does not re-evaluate its closure);
+    4. with ``acc``, the updated weight is quantized to ``acc`` and kept as the accumulator;
+    5. the weight is quantized to ``weight``;
+    6. every floating-point optimizer state tensor shaped like its parameter (SGD momentum,
+       Adam's ``exp_avg`` and ``exp_avg_sq``, RMSprop's ``square_avg``, ...) is quantized to
+       ``momentum``.
+
+    ``None`` leaves a role in float32. Formats are format objects or spec strings;
+    ``recipe="bfp8"`` (or ``LowPrecision.from_name("bfp8")``) takes them from a registered
+    recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
+    seed and broadcast from rank 0, so every rank rounds alike; its state and the accumulators
+    are saved in checkpoints, so a resumed run continues bit for bit.
+    """
+
+    precision = "32-true"  # the arithmetic itself stays float32
+
+    def __init__(
+        self,
+        weight: FormatLike = None,
+        grad: FormatLike = None,
+        momentum: FormatLike = None,
+        acc: FormatLike = None,
+        weight_rounding: str = "nearest",
+        grad_rounding: str = "nearest",
+        momentum_rounding: str = "nearest",
+        acc_rounding: str = "nearest",
+        grad_scale: float = 1.0,
+        recipe: Optional[str] = None,
+    ):
+        super().__init__()
+        given = dict(weight=weight, grad=grad, momentum=momentum, acc=acc, weight_rounding=weight_rounding,
+                     grad_rounding=grad_rounding, momentum_rounding=momentum_rounding, acc_rounding=acc_rounding)
+        if recipe is not None:
+            changed = [k for k, v in given.items() if v != ("nearest" if k.endswith("rounding") else None)]
+            if changed:
+                raise ValueError(
+                    f"give either recipe={recipe!r} or formats, not both (got {', '.join(changed)}); "
+                    f"use LowPrecision.from_name({recipe!r}, {changed[0]}=...) to change a recipe"
+                )
+            base = get_recipe(recipe)
+            self.recipe = Recipe(**{k: getattr(base, k) for k in _ARGUMENTS})
+        else:
+            self.recipe = Recipe(**given)  # validates formats and rounding modes
+        if not isinstance(grad_scale, (int, float)) or isinstance(grad_scale, bool) or grad_scale <= 0:
+            raise ValueError(f"grad_scale must be a positive number, got {grad_scale!r}")
+        self.grad_scale = float(grad_scale)
+        self.generator = torch.Generator()
+        self._seeded = False
+        self._module: Optional[torch.nn.Module] = None
+        self._accumulators: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._pending_state: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "LowPrecision":
+        """The plugin for a registered recipe (``lp.list_recipes()``); keyword arguments replace
+        single roles, e.g. ``from_name("bfp8", grad_rounding="stochastic", acc=None)``."""
+        grad_scale = overrides.pop("grad_scale", 1.0)
+        unknown = set(overrides) - set(_ARGUMENTS)
+        if unknown:
+            raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_ARGUMENTS)}, grad_scale")
+        recipe = dataclasses.replace(get_recipe(name), **overrides)
+        return cls(**{k: getattr(recipe, k) for k in _ARGUMENTS}, grad_scale=grad_scale)
+
+    def __repr__(self) -> str:
+        return f"LowPrecision({self.recipe}, grad_scale={self.grad_scale})"
+
+    # ---- Lightning hooks --------------------------------------------------------------
+
+    def connect(self, model, optimizers: List[Optimizer], lr_schedulers: List[Any]):
+        for optimizer in optimizers:
+            inner = getattr(optimizer, "optimizer", optimizer)
+            if isinstance(inner, LBFGS):
+                raise ValueError(
+                    "LowPrecision does not support LBFGS: it re-evaluates its closure inside step(), between "
+                    "which the plugin could not quantize; use an optimizer that steps once per closure"
+                )
+        return super().connect(model, optimizers, lr_schedulers)
+
+    def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs):
+        if not isinstance(model, pl.LightningModule):
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+        self._prepare(model)
+        closure_result = self._wrap_closure(model, optimizer, closure)  # forward, backward, clipping
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._quantize_grads(params)
+        r = self.recipe
+        if r.acc is not None:
+            for p in params:
+                p.data.copy_(self._accumulator(p))
+        result = optimizer.step(**kwargs)
+        for p in params:
+            if r.acc is not None:
+                acc = self._accumulators[p]
+                quantize_(acc.copy_(p.data), r.acc, r.acc_rounding, self.generator)
+                p.data.copy_(acc)
+            if r.weight is not None:
+                quantize_(p.data, r.weight, r.weight_rounding, self.generator)
+        if r.momentum is not None:
+            for p in params:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                        quantize_(value, r.momentum, r.momentum_rounding, self.generator)
+        return closure_result if result is None else result
+
+    # ---- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self._module is None:
+            return self._pending_state or {}
+        names = {p: n for n, p in self._module.named_parameters()}
+        return {
+            "generator": self.generator.get_state(),
+            "accumulators": {names[p]: acc.clone() for p, acc in self._accumulators.items() if p in names},
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)  # applied at the next step, when the parameters are known
+        if self._module is not None:
+            self._apply_pending()
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _prepare(self, module: pl.LightningModule) -> None:
+        if self._module is None:
+            self._module = module
+            if not self._seeded:
+                # derived from torch's seed (a stream of its own), the same on every rank
+                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+                strategy = module.trainer.strategy if module._trainer is not None else None
+                if strategy is not None:
+                    seed = int(strategy.broadcast(seed, src=0))
+                self.generator.manual_seed(seed)
+                self._seeded = True
+        if self._pending_state is not None:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+            self._seeded = True
+        params = dict(self._module.named_parameters())
+        for name, acc in state.get("accumulators", {}).items():
+            if name not in params:
+                raise ValueError(f"checkpoint has an accumulator for {name!r}, which the model does not have")
+            p = params[name]
+            self._accumulators[p] = acc.to(device=p.device, dtype=p.dtype).clone()
+
+    def _accumulator(self, p: torch.nn.Parameter) -> torch.Tensor:
+        acc = self._accumulators.get(p)
+        if acc is None:  # as OptimLP: the accumulator starts as the (unquantized) initial weight
+            acc = self._accumulators[p] = p.detach().clone()
+        return acc
+
+    def _quantize_grads(self, params: List[torch.nn.Parameter]) -> None:
+        r = self.recipe
+        for p in params:
+            if p.grad is None:
+                continue
+            if self.grad_scale != 1.0:
+                p.grad.mul_(self.grad_scale)
+            if r.grad is not None:
+                quantize_(p.grad, r.grad, r.grad_rounding, self.generator)

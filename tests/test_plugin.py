@@ -1,0 +1,244 @@
+"""LowPrecision: the seed's OptimLP step for step, any optimizer, checkpoint-resume exactness."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_lowp as lp
+
+
+class SeedNet(nn.Module):
+    """The seed notebook's LeNet (F.relu, max_pool2d), with its optional quantizer `quant`
+    after every layer exactly where the seed's lp_Net puts it."""
+
+    def __init__(self, quant=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5, 1)
+        self.pool1 = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.pool2 = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(4 * 4 * 50, 500)
+        self.fc2 = nn.Linear(500, 10)
+        self.quant = quant or (lambda x: x)
+
+    def forward(self, x):
+        q = self.quant
+        x = q(F.relu(self.conv1(x)))
+        x = q(self.pool1(x))
+        x = q(F.relu(self.conv2(x)))
+        x = q(self.pool2(x))
+        x = q(F.relu(self.fc1(x.view(-1, 4 * 4 * 50))))
+        return F.log_softmax(q(self.fc2(x)), dim=1)
+
+
+class OptimLP:
+    """QPyTorch's OptimLP, restated: the reference the plugin must reproduce."""
+
+    def __init__(self, optim, weight_quant, grad_quant, momentum_quant, acc_quant):
+        self.optim, self.wq, self.gq, self.mq, self.aq = optim, weight_quant, grad_quant, momentum_quant, acc_quant
+        self.params = [p for g in optim.param_groups for p in g["params"]]
+        self.acc = {p: p.detach().clone() for p in self.params}
+
+    def zero_grad(self):
+        self.optim.zero_grad()
+
+    def step(self):
+        for p in self.params:
+            p.grad.data = self.gq(p.grad.data)
+        for p in self.params:
+            p.data = self.acc[p].data
+        self.optim.step()
+        for p in self.params:
+            p.data = self.acc[p].data = self.aq(p.data).data
+            p.data = self.wq(p.data).data
+        for p in self.params:
+            state = self.optim.state[p]
+            state["momentum_buffer"] = self.mq(state["momentum_buffer"])
+
+
+class Module(pl.LightningModule):
+    def __init__(self, net, optimizer="sgd"):
+        super().__init__()
+        self.net, self.optimizer_name = net, optimizer
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        if self.optimizer_name == "lbfgs":
+            return torch.optim.LBFGS(self.parameters())
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def batches(n=4, size=16, shape=(1, 28, 28)):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, *shape, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def loader(data):
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    return DataLoader(TensorDataset(x, y), batch_size=len(data[0][1]), shuffle=False)
+
+
+def fit(module, data, *, plugins=(), callbacks=(), max_steps=None, max_epochs=None, ckpt_path=None):
+    trainer = pl.Trainer(
+        max_steps=-1 if max_epochs else (max_steps or len(data)),
+        max_epochs=max_epochs or 1,
+        plugins=list(plugins),
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader(data), ckpt_path=ckpt_path)
+    return trainer
+
+
+def bits(module):
+    return [p.detach().clone().view(torch.int32) for p in module.parameters()]
+
+
+def test_reproduces_the_seed_lp_net_with_optimlp_step_for_step():
+    torch.manual_seed(0)
+    base = SeedNet()
+    data = batches()
+    low = "fixed(8,7)"
+
+    # the seed, by hand: lp_Net's quantizers and OptimLP (forward roundings only, as OptimLP applies them)
+    manual = copy.deepcopy(base)
+    manual.quant = lp.Quantizer(forward=low, backward=low)
+    optimizer = torch.optim.SGD(manual.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = OptimLP(
+        optimizer,
+        weight_quant=lp.quantizer(low),
+        grad_quant=lp.quantizer(low),
+        momentum_quant=lp.quantizer("bf16"),
+        acc_quant=lp.quantizer("bf16"),
+    )
+    snapshots = []
+    for x, y in data:
+        loss = F.cross_entropy(manual(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        snapshots.append(bits(manual))
+
+    # the same with an unmodified model, the plugin and the callback picked by name
+    for steps in (1, len(data)):
+        module = Module(copy.deepcopy(base))
+        fit(module, data[:steps], plugins=[lp.LowPrecision.from_name("fixed8")],
+            callbacks=[lp.QuantizeActivations.from_name("fixed8")])
+        for got, want in zip(bits(module.net), snapshots[steps - 1]):
+            assert torch.equal(got, want), f"differs from the seed after {steps} steps"
+
+
+def on_grid(t, fmt):
+    return torch.equal(lp.quantize(t, fmt), t)
+
+
+def test_any_optimizer_state_is_quantized_and_weights_stay_on_the_grid():
+    torch.manual_seed(0)
+    module = Module(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10)), optimizer="adam")
+    plugin = lp.LowPrecision(weight="fixed(8,5)", grad="fixed(8,8)", momentum="float(5,3)", acc="bf16",
+                             grad_rounding="stochastic")
+    trainer = fit(module, batches(shape=(16,)), plugins=[plugin])
+    optimizer = trainer.optimizers[0]
+    for p in module.parameters():
+        assert on_grid(p.detach(), "fixed(8,5)")
+        state = optimizer.state[p]
+        assert on_grid(state["exp_avg"], "float(5,3)") and on_grid(state["exp_avg_sq"], "float(5,3)")
+        assert state["exp_avg"].abs().sum() > 0
+        assert on_grid(plugin._accumulators[p], "bf16")
+    assert isinstance(trainer.precision_plugin, lp.LowPrecision)
+
+
+def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
+    def plugin():
+        return lp.LowPrecision.from_name("bfp8", grad_rounding="stochastic", weight_rounding="stochastic",
+                                         acc=lp.FloatingPoint(8, 10))
+
+    data = batches(n=3, shape=(16,))  # 3 steps an epoch; the checkpoint is taken after epoch 1
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    torch.manual_seed(5)
+    straight = Module(copy.deepcopy(net))
+    fit(straight, data, plugins=[plugin()], max_epochs=2)
+
+    torch.manual_seed(5)
+    first = Module(copy.deepcopy(net))
+    trainer = fit(first, data, plugins=[plugin()], max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    torch.manual_seed(123)  # a different global seed: the plugin's own generator state must carry the run
+    resumed = Module(copy.deepcopy(net))
+    fit(resumed, data, plugins=[plugin()], max_epochs=2, ckpt_path=tmp_path / "half.ckpt")
+
+    assert not all(torch.equal(a, b) for a, b in zip(bits(first), bits(straight)))  # training moved on
+    for a, b in zip(bits(resumed), bits(straight)):
+        assert torch.equal(a, b)
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    assert set(ckpt["LowPrecision"]["accumulators"]) == {n for n, _ in first.named_parameters()}
+
+
+def test_stochastic_rounding_differs_between_seeds_and_repeats_under_one():
+    data = batches(n=2, shape=(16,))
+
+    def run(seed):
+        torch.manual_seed(0)
+        module = Module(nn.Sequential(nn.Linear(16, 10)))
+        torch.manual_seed(seed)
+        fit(module, data, plugins=[lp.LowPrecision(weight="fixed(6,4)", weight_rounding="stochastic")])
+        return bits(module)
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_bad_configurations_fail_before_training():
+    with pytest.raises(ValueError, match="known recipes"):
+        lp.LowPrecision.from_name("fixed9")
+    with pytest.raises(ValueError, match="either recipe"):
+        lp.LowPrecision(weight="bf16", recipe="bfp8")
+    with pytest.raises(ValueError, match="grad_scale"):
+        lp.LowPrecision(grad_scale=0)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        lp.LowPrecision.from_name("bfp8", activation="bf16")
+    with pytest.raises(ValueError, match="does not parse"):
+        lp.LowPrecision(weight="bfp(8")
+    with pytest.raises(ValueError, match="LBFGS"):
+        fit(Module(nn.Sequential(nn.Linear(16, 10)), optimizer="lbfgs"), batches(n=1, shape=(16,)),
+            plugins=[lp.LowPrecision(weight="bf16")])
+
+
+def test_grad_scale_multiplies_before_quantizing():
+    torch.manual_seed(0)
+    module = Module(nn.Sequential(nn.Linear(16, 10)))
+    seen = {}
+
+    class Grab(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen["grad"] = [p.grad.clone() for p in pl_module.parameters()]
+
+    data = batches(n=1, shape=(16,))
+    torch.manual_seed(0)
+    ref = Module(nn.Sequential(nn.Linear(16, 10)))
+    x, y = data[0]
+    F.cross_entropy(ref(x), y).backward()
+    fit(module, data, plugins=[lp.LowPrecision(grad="fixed(12,10)", grad_scale=8.0)], callbacks=[Grab()])
+    for got, p in zip(seen["grad"], ref.parameters()):
+        assert torch.equal(got, lp.quantize(p.grad * 8.0, "fixed(12,10)"))
