@@ -4,6 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Fashion-MNIST for the examples and the training tests (Debian's package; MNIST itself can only
+# be downloaded). Installed when we are root and it is missing; otherwise say how to get it.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
+      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null)) ||
+      echo "warning: could not install dataset-fashion-mnist" >&2
+  else
+    echo "note: 'apt-get install dataset-fashion-mnist' (as root) provides Fashion-MNIST offline" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip

@@ -1,0 +1,239 @@
+"""The IDX reader, MNISTFamily's choice of dataset and its errors, and LeNet."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from lightning_lowp import data
+from lightning_lowp.data import DATASETS, LeNet, MNISTFamily, read_idx
+
+IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
+    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+def write_dataset(directory: Path, brightness: int, n_train=40, n_test=20, compress=True, seed=0) -> Path:
+    """Four IDX files of fake 28x28 images whose mean pixel is about ``brightness``/255."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 2 * brightness + 1, size=(n, 28, 28)).astype(np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images, compress)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels, compress)
+    return directory
+
+
+MNIST_LIKE, FASHION_LIKE = 33, 73  # mean pixels 0.13 and 0.29, as the real datasets
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No MNIST download, no Debian Fashion-MNIST, an empty default data directory."""
+    calls = []
+
+    def fail(root):
+        calls.append(Path(root))
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: Name or service not known")
+
+    monkeypatch.setattr(data, "_download_mnist", fail)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setenv("LOWP_DATA_DIR", str(tmp_path / "default-root"))
+    return calls
+
+
+# ---- the IDX reader ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_read_idx_round_trips(tmp_path, compress, dtype):
+    array = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
+    if dtype == np.uint8:
+        array = np.arange(30, dtype=np.uint8).reshape(2, 3, 5) * 8
+    path = write_idx(tmp_path / "x-idx3-ubyte", array, compress)
+    tensor = read_idx(path)
+    assert tuple(tensor.shape) == (2, 3, 5)
+    np.testing.assert_array_equal(tensor.numpy(), array)
+    assert tensor.numpy().dtype == np.dtype(dtype)  # native byte order, same type
+
+
+def test_read_idx_labels_and_images(tmp_path):
+    labels = np.array([7, 2, 1, 0, 4], dtype=np.uint8)
+    t = read_idx(write_idx(tmp_path / "labels-idx1-ubyte", labels, compress=False))
+    assert t.dtype == torch.uint8 and t.tolist() == [7, 2, 1, 0, 4]
+    images = np.full((3, 28, 28), 255, dtype=np.uint8)
+    t = read_idx(write_idx(tmp_path / "images-idx3-ubyte", images, compress=True))
+    assert t.shape == (3, 28, 28) and t.dtype == torch.uint8 and int(t.min()) == 255
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    bad_magic = tmp_path / "bad"
+    bad_magic.write_bytes(b"\x12\x34\x08\x01" + struct.pack(">I", 1) + b"\x00")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(bad_magic)
+    truncated = tmp_path / "short"
+    truncated.write_bytes(bytes([0, 0, 0x08, 2]) + struct.pack(">2I", 4, 4) + b"\x00" * 15)
+    with pytest.raises(ValueError, match=r"shape \(4, 4\)"):
+        read_idx(truncated)
+
+
+# ---- choosing the dataset --------------------------------------------------------------
+
+
+def test_explicit_data_dir_raw_files_normalized_and_limited(tmp_path, offline):
+    write_dataset(tmp_path / "d" / "MNIST" / "raw", MNIST_LIKE, compress=False)
+    dm = MNISTFamily("mnist", data_dir=tmp_path / "d", batch_size=16, train_limit=35, val_limit=12)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.dataset_name == "mnist" and dm.source_dir == tmp_path / "d" / "MNIST" / "raw"
+    x, y = dm.train_set.tensors
+    assert x.shape == (35, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dm.val_set.tensors[0].shape == (12, 1, 28, 28)
+    raw = read_idx(tmp_path / "d" / "MNIST" / "raw" / "train-images-idx3-ubyte")[:35].float() / 255
+    expected = (raw - 0.1307) / 0.3081  # the seed's normalization
+    torch.testing.assert_close(x[:, 0], expected)
+    assert y.tolist() == [i % 10 for i in range(35)]
+    batches = list(dm.train_dataloader())
+    assert [len(b[0]) for b in batches] == [16, 16, 3]
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(y.tolist())  # a shuffle
+    assert [len(b[0]) for b in dm.val_dataloader()] == [12]
+    assert offline == []  # files on disk: no download attempted
+
+
+def test_fashion_from_debian_directory_uses_its_own_statistics(tmp_path, offline, monkeypatch):
+    debian = write_dataset(tmp_path / "debian", FASHION_LIKE)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", debian)
+    dm = MNISTFamily("fashion-mnist")
+    dm.setup("validate")  # without prepare_data, as on ranks other than 0
+    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == debian
+    assert dm.train_set is None and len(dm.val_set) == 20
+    raw = read_idx(debian / "t10k-images-idx3-ubyte.gz").float() / 255
+    torch.testing.assert_close(dm.val_set.tensors[0][:, 0], (raw - 0.2860) / 0.3530)
+    assert DATASETS["fashion-mnist"]["mean"] == 0.2860 and DATASETS["fashion-mnist"]["std"] == 0.3530
+    assert offline == []
+
+
+def test_auto_falls_back_to_fashion_when_mnist_download_fails(tmp_path, offline, monkeypatch):
+    debian = write_dataset(tmp_path / "debian", FASHION_LIKE)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", debian)
+    dm = MNISTFamily("auto")
+    dm.prepare_data()
+    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == debian
+    assert offline == [tmp_path / "default-root"]  # MNIST download was tried first, into the default root
+
+
+def test_auto_prefers_mnist_when_the_download_works(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", write_dataset(tmp_path / "debian", FASHION_LIKE))
+    downloads = []
+
+    def fake_download(root):  # what torchvision leaves behind: raw files in <root>/MNIST/raw
+        downloads.append(root)
+        write_dataset(Path(root) / "MNIST" / "raw", MNIST_LIKE, compress=False)
+
+    monkeypatch.setattr(data, "_download_mnist", fake_download)
+    dm = MNISTFamily("auto", data_dir=tmp_path / "cache")
+    dm.prepare_data()
+    assert dm.dataset_name == "mnist" and dm.source_dir == tmp_path / "cache" / "MNIST" / "raw"
+    assert downloads == [tmp_path / "cache"]
+    # A second data module finds the files on disk and downloads nothing.
+    again = MNISTFamily("auto", data_dir=tmp_path / "cache")
+    again.setup("fit")
+    assert again.dataset_name == "mnist" and downloads == [tmp_path / "cache"]
+
+
+def test_auto_tells_a_bare_directory_of_idx_files_apart(tmp_path, offline):
+    """MNIST and Fashion-MNIST files have the same names; auto looks at the pixels."""
+    dm = MNISTFamily("auto", data_dir=write_dataset(tmp_path / "a", MNIST_LIKE))
+    dm.prepare_data()
+    assert dm.dataset_name == "mnist"
+    dm = MNISTFamily("auto", data_dir=write_dataset(tmp_path / "b", FASHION_LIKE))
+    dm.prepare_data()
+    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == tmp_path / "b"
+    assert offline == []  # an explicit data_dir with Fashion-MNIST wins over a download
+    with pytest.raises(FileNotFoundError):
+        MNISTFamily("mnist", data_dir=tmp_path / "b", download=False).prepare_data()
+
+
+def test_clear_error_when_no_dataset_is_available(tmp_path, offline):
+    for dataset in ("auto", "mnist", "fashion-mnist"):
+        dm = MNISTFamily(dataset, data_dir=tmp_path / "empty")
+        with pytest.raises(FileNotFoundError) as info:
+            dm.prepare_data()
+        message = str(info.value)
+        assert "apt-get install dataset-fashion-mnist" in message
+        assert "data_dir" in message and "t10k-images-idx3-ubyte" in message
+        assert "online" in message
+        assert str(tmp_path / "empty") in message  # says where it looked
+        if dataset != "fashion-mnist":
+            assert "downloading MNIST" in message and "Name or service not known" in message
+    assert len(offline) == 2  # auto and mnist tried the download, fashion-mnist did not
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        MNISTFamily("mnist", data_dir=tmp_path / "empty", download=False).setup("fit")
+    assert len(offline) == 2
+
+
+def test_incomplete_directory_is_not_used(tmp_path, offline):
+    d = write_dataset(tmp_path / "d" / "FashionMNIST" / "raw", FASHION_LIKE)
+    (d / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError):
+        MNISTFamily("fashion-mnist", data_dir=tmp_path / "d").prepare_data()
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        MNISTFamily("cifar10")
+    with pytest.raises(ValueError, match="train_limit"):
+        MNISTFamily(train_limit=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        MNISTFamily(batch_size=0)
+
+
+# ---- LeNet ---------------------------------------------------------------------------------
+
+
+def test_lenet_is_the_seed_network():
+    model = LeNet()
+    out = model(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes == {
+        "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,),
+        "conv2.weight": (50, 20, 5, 5), "conv2.bias": (50,),
+        "fc1.weight": (500, 800), "fc1.bias": (500,),
+        "fc2.weight": (10, 500), "fc2.bias": (10,),
+    }  # fmt: skip
+    assert dict(model.hparams) == {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "num_classes": 10}
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 1e-4)
+    assert len(group["params"]) == 8
+
+
+def test_lenet_fits_on_the_data_module_and_logs(tmp_path, offline):
+    write_dataset(tmp_path / "d", MNIST_LIKE)
+    dm = MNISTFamily("mnist", data_dir=tmp_path / "d", batch_size=8)
+    model = LeNet()
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3
+    assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    (result,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert set(result) == {"test/loss", "test/acc"} and 0.0 <= result["test/acc"] <= 1.0
