@@ -53,6 +53,8 @@ class QuantizeActivations(pl.Callback):
             e.g. ``{"conv1": {"forward": None}}`` keeps the first layer's output in float32.
         quantize_eval: also quantize during validation, test and predict (the seed's
             low-precision inference); ``False`` quantizes in training only.
+        recipe: take forward/backward formats and roundings from a registered recipe
+            (the same as ``from_name``; handy in YAML configs).
 
     Hooks are attached when fit, validate, test or predict starts and removed when it ends
     (also after an error). The selection is checked then, before any step runs.
@@ -69,8 +71,15 @@ class QuantizeActivations(pl.Callback):
         predicate: Optional[Callable[[str, nn.Module], bool]] = None,
         overrides: Optional[Mapping[str, Mapping[str, object]]] = None,
         quantize_eval: bool = True,
+        recipe: Optional[str] = None,
     ):
         super().__init__()
+        if recipe is not None:
+            if (forward, backward, forward_rounding, backward_rounding) != (None, None, "nearest", "nearest"):
+                raise ValueError(f"give either recipe={recipe!r} or forward/backward formats, not both")
+            r = get_recipe(recipe)
+            forward, backward = r.activation, r.error
+            forward_rounding, backward_rounding = r.activation_rounding, r.error_rounding
         self.settings = self._settings(forward, backward, forward_rounding, backward_rounding)
         if modules is not None:
             modules = tuple(modules)
@@ -99,14 +108,7 @@ class QuantizeActivations(pl.Callback):
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "QuantizeActivations":
         """The activation and error settings of a registered recipe (see ``lp.list_recipes()``)."""
-        recipe = get_recipe(name)
-        return cls(
-            forward=recipe.activation,
-            backward=recipe.error,
-            forward_rounding=recipe.activation_rounding,
-            backward_rounding=recipe.error_rounding,
-            **kwargs,
-        )
+        return cls(recipe=name, **kwargs)
 
     @staticmethod
     def _settings(forward, backward, forward_rounding, backward_rounding) -> Tuple:

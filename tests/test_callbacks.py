@@ -173,3 +173,9 @@ def test_recipe_registry():
         lp.register_recipe("test_custom", custom)
     with pytest.raises(ValueError, match="grad_rounding"):
         lp.Recipe(grad="bf16", grad_rounding="sideways")
+
+
+def test_recipe_argument_equals_from_name():
+    assert lp.QuantizeActivations(recipe="fixed8").settings == lp.QuantizeActivations.from_name("fixed8").settings
+    with pytest.raises(ValueError, match="either recipe"):
+        lp.QuantizeActivations(forward="bf16", recipe="bfp8")
