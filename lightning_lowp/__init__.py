@@ -19,6 +19,7 @@ from lightning_lowp.functional import quantize, quantize_
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
 from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.plugins import LowPrecision
+from lightning_lowp.data import LeNet, MNISTFamily
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,6 @@ __all__ = [
     "list_recipes",
     "QuantizeActivations",
     "LowPrecision",
+    "LeNet",
+    "MNISTFamily",
 ]

@@ -164,8 +164,9 @@ def test_auto_tells_a_bare_directory_of_idx_files_apart(tmp_path, offline):
     dm.prepare_data()
     assert dm.dataset_name == "fashion-mnist" and dm.source_dir == tmp_path / "b"
     assert offline == []  # an explicit data_dir with Fashion-MNIST wins over a download
-    with pytest.raises(FileNotFoundError):
-        MNISTFamily("mnist", data_dir=tmp_path / "b", download=False).prepare_data()
+    explicit = MNISTFamily("mnist", data_dir=tmp_path / "b", download=False)  # the user knows best
+    explicit.prepare_data()
+    assert explicit.dataset_name == "mnist" and explicit.source_dir == tmp_path / "b"
 
 
 def test_clear_error_when_no_dataset_is_available(tmp_path, offline):

@@ -15,7 +15,7 @@ from lightning_lowp import data
 from lightning_lowp.data import LeNet, MNISTFamily
 from lightning_lowp.plugins import LowPrecision
 
-STEPS = 250
+STEPS = 200
 BATCH = 64
 
 

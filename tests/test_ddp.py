@@ -1,0 +1,33 @@
+"""LowPrecision under DDP: two CPU ranks (gloo) with stochastic rounding keep bit-identical
+weights. The work is in tests/ddp_check.py, run as a script because Lightning's DDP launcher
+re-runs the script for every extra rank."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import lightning_lowp as lp
+
+SCRIPT = Path(__file__).with_name("ddp_check.py")
+
+
+def test_ddp_ranks_keep_identical_weights_with_stochastic_rounding(tmp_path):
+    result_path = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(result_path), "6"],
+        cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, output
+    assert result_path.exists(), output
+    result = json.loads(result_path.read_text())
+    assert result["world_size"] == 2 and result["steps"] == 6
+    assert result["different_data"], "the ranks should have trained on different batches"
+    assert result["identical"], f"weights differ across ranks by up to {result['max_abs_difference']}"
+    assert result["changed"], "training did not change the weights"
+    weights = torch.tensor(result["weights"], dtype=torch.float32)
+    assert torch.equal(lp.quantize(weights, "fixed(8,5)"), weights), "weights are off the fixed(8,5) grid"
+    assert not torch.equal(lp.quantize(weights, "fixed(8,4)"), weights)  # ... and use its finest step
