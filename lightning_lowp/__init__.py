@@ -18,6 +18,7 @@ from lightning_lowp.formats import (
 from lightning_lowp.functional import quantize, quantize_
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
 from lightning_lowp.callbacks import QuantizeActivations
+from lightning_lowp.metrics import QuantizationMetrics
 from lightning_lowp.plugins import LowPrecision
 from lightning_lowp.data import LeNet, MNISTFamily
 
@@ -41,6 +42,7 @@ __all__ = [
     "list_recipes",
     "QuantizeActivations",
     "LowPrecision",
+    "QuantizationMetrics",
     "LeNet",
     "MNISTFamily",
 ]

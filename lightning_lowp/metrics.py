@@ -1,0 +1,465 @@
+"""QuantizationMetrics: what activation quantization costs, logged while a model trains.
+
+Two kinds of measurements, both logged through the Trainer's loggers:
+
+* **Accuracy, quantized vs float** (validation and test): every evaluation batch is run
+  through the model twice more, once with the :class:`~lightning_lowp.QuantizeActivations`
+  callback quantizing and once inside its ``disabled()`` block, and both top-1 accuracies and
+  their gap are accumulated in torchmetrics ``Metric`` objects (so they are synchronised
+  across processes under DDP).
+* **Per-layer quantization error** (training, every ``every_n_steps`` steps): for each layer
+  the ``QuantizeActivations`` callback hooked, the fraction of its output values that
+  saturate, the fraction flushed to zero and the signal-to-quantization-noise ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from lightning_lowp.callbacks import QuantizeActivations
+from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, as_format
+
+__all__ = ["QuantizationMetrics", "quantization_error_stats"]
+
+_STAGES = {"validate": "val", "test": "test"}
+
+
+# ---- per-layer statistics -----------------------------------------------------------------
+
+
+def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
+    """The largest magnitude each element's block can hold (x's shape, float32).
+
+    A block whose largest finite magnitude is m (E = floor(log2 m)) holds multiples of
+    2**(E-wl+2) up to 2**(E+1) - 2**(E-wl+2); a block with no nonzero finite value, or wl=1,
+    holds only 0.
+    """
+    a = torch.where(torch.isfinite(x), x.abs(), 0.0)
+    if a.dim() == 0:
+        maxima = a
+    elif fmt.block_size is None:
+        if fmt.dim == -1:  # the whole tensor is one block
+            maxima = a.max()
+        else:  # one block per index along dim
+            d = fmt.dim % a.dim()
+            others = [i for i in range(a.dim()) if i != d]
+            maxima = a.amax(dim=others, keepdim=True) if others else a
+    else:  # runs of block_size consecutive elements along dim
+        d = fmt.dim % a.dim()
+        k = fmt.block_size
+        moved = a.movedim(d, -1)
+        n = moved.shape[-1]
+        nb = -(-n // k)
+        padded = torch.nn.functional.pad(moved, (0, nb * k - n))  # zeros never raise a maximum
+        block_max = padded.reshape(*moved.shape[:-1], nb, k).amax(dim=-1)
+        maxima = block_max.repeat_interleave(k, dim=-1)[..., :n].movedim(-1, d)
+    m = maxima.to(torch.float64) if maxima.device.type != "mps" else maxima
+    zero = (m == 0) | (fmt.wl == 1)
+    _, k2 = torch.frexp(torch.where(zero, 1.0, m))  # m = f * 2**k2, f in [0.5, 1): E = k2 - 1
+    top = torch.ldexp(torch.ones_like(m), k2)  # 2**(E+1)
+    step = torch.ldexp(torch.ones_like(m), k2 - fmt.wl + 1)  # 2**(E-wl+2)
+    step = torch.clamp(step, min=2.0**-149)  # below float32's finest step the kernels use 2**-149
+    limit = torch.where(zero, 0.0, top - step)
+    return limit.to(torch.float32).expand_as(x)
+
+
+def _range(x: Tensor, fmt: Format) -> Tuple[Any, Any]:
+    """(lo, hi): the most negative and most positive value ``fmt`` can give for each element."""
+    if isinstance(fmt, FixedPoint):
+        if not fmt.clamp:
+            return -math.inf, math.inf
+        step = 2.0**-fmt.fl
+        hi = (2.0 ** (fmt.wl - 1) - 1) * step
+        lo = -hi if fmt.symmetric else -(2.0 ** (fmt.wl - 1)) * step
+        return lo, hi
+    if isinstance(fmt, FloatingPoint):
+        return -fmt.max_value, fmt.max_value
+    if isinstance(fmt, BlockFloatingPoint):
+        limit = _block_limit(x, fmt)
+        return -limit, limit
+    raise TypeError(f"fmt must be FixedPoint, FloatingPoint or BlockFloatingPoint, got {type(fmt).__name__}")
+
+
+def _error_sums(x: Tensor, q: Tensor, fmt: Format) -> Tensor:
+    """[saturated, flushed, count, signal energy, noise energy] of one tensor (float64; float32 on MPS)."""
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    with torch.no_grad():
+        x = x.detach().float()  # the kernels compute on float32 values, so do the comparisons
+        q = q.detach().float()
+        lo, hi = _range(x, fmt)
+        saturated = ((x > hi) & (q >= hi)) | ((x < lo) & (q <= lo))
+        flushed = (x != 0) & (q == 0)
+        finite = torch.isfinite(x)
+        xs = torch.where(finite, x, 0.0)
+        noise = torch.where(finite, x - q, 0.0)  # Inf where a finite value overflowed to Inf
+        return torch.stack(
+            [
+                saturated.sum().to(acc),
+                flushed.sum().to(acc),
+                torch.tensor(x.numel(), dtype=acc, device=x.device),
+                torch.sum(xs * xs, dtype=acc),
+                torch.sum(noise * noise, dtype=acc),
+            ]
+        )
+
+
+def _stats_from_sums(sums: Tensor) -> Dict[str, float]:
+    saturated, flushed, count, signal, noise = (float(v) for v in sums.tolist())
+    if noise == 0:
+        sqnr = math.inf  # exact (this includes an all-zero signal)
+    elif signal == 0 or math.isinf(noise):
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(signal / noise) if not math.isinf(signal) else math.inf
+    return {"saturated": saturated / count, "flushed": flushed / count, "sqnr_db": sqnr}
+
+
+def quantization_error_stats(x: Tensor, q: Tensor, fmt) -> Dict[str, float]:
+    """How ``q`` (``x`` quantized to ``fmt``) differs from ``x``: a dict of python floats.
+
+    * ``saturated``: the fraction of elements beyond the format's range whose quantized value
+      is at (or past, i.e. Inf) that end: ``(x > hi and q >= hi) or (x < lo and q <= lo)``,
+      where ``[lo, hi]`` is the range of values the format can give — ``±max_value`` for
+      :class:`FloatingPoint`; ``[-2**(wl-1), 2**(wl-1)-1] * 2**-fl`` for :class:`FixedPoint`
+      (``-lo == hi`` if symmetric, unbounded if ``clamp=False``); for
+      :class:`BlockFloatingPoint` ``±(2**(E+1) - 2**(E-wl+2))`` with E the exponent of the
+      element's own block (0 for a block with no nonzero finite value). ±Inf inputs count as
+      saturated.
+    * ``flushed``: the fraction of elements with ``x != 0`` but ``q == 0``.
+    * ``sqnr_db``: ``10*log10(sum(x**2) / sum((x-q)**2))`` over the elements where x is
+      finite; ``inf`` if q equals x there, ``-inf`` if a finite value overflowed to Inf.
+
+    Fractions are of all elements (NaN included). Comparisons are made in float32, as the
+    kernels compute.
+    """
+    if not isinstance(x, Tensor) or not isinstance(q, Tensor):
+        raise TypeError("x and q must be tensors")
+    if x.shape != q.shape:
+        raise ValueError(f"x and q must have the same shape, got {tuple(x.shape)} and {tuple(q.shape)}")
+    if x.numel() == 0:
+        raise ValueError("x is empty")
+    return _stats_from_sums(_error_sums(x, q, as_format(fmt)).cpu())
+
+
+# ---- accuracy --------------------------------------------------------------------------------
+
+
+class _Ratio(Metric):
+    """sum(numerator) / sum(denominator) over batches and processes (integer counts)."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("numerator", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("denominator", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, numerator: Tensor, denominator: Tensor) -> None:
+        self.numerator += numerator.to(self.numerator.device, torch.int64)
+        self.denominator += denominator.to(self.denominator.device, torch.int64)
+
+    def compute(self) -> Tensor:
+        return self.numerator.to(torch.get_default_dtype()) / self.denominator
+
+
+def _default_batch_fn(batch) -> Tuple[Any, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "QuantizationMetrics expects each evaluation batch to be a pair (inputs, targets), got "
+        f"{type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
+        "pass batch_fn=lambda batch: (inputs, targets) for other batch layouts"
+    )
+
+
+def _default_forward_fn(pl_module: nn.Module, inputs) -> Tensor:
+    return pl_module(inputs)
+
+
+def _correct(logits, targets) -> Tensor:
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        raise TypeError(
+            "QuantizationMetrics needs forward_fn(pl_module, inputs) to return logits of shape (N, C, ...), got "
+            f"{type(logits).__name__}{tuple(logits.shape) if isinstance(logits, Tensor) else ''}; "
+            "pass forward_fn=... if the module's forward returns something else"
+        )
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(
+            "QuantizationMetrics needs targets that are integer class indices, got "
+            f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}; pass batch_fn=... to convert"
+        )
+    predictions = logits.argmax(dim=1)
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"QuantizationMetrics: predictions (logits {tuple(logits.shape)} argmax over dim 1) have shape "
+            f"{tuple(predictions.shape)} but targets have shape {tuple(targets.shape)}"
+        )
+    return (predictions == targets.to(predictions.device)).sum()
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device):
+    """Restore the CPU (and this CUDA device's) RNG state afterwards."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
+
+
+# ---- the callback -----------------------------------------------------------------------------
+
+
+class QuantizationMetrics(pl.Callback):
+    """Logs what activation quantization costs: quantized vs float accuracy, per-layer error.
+
+    Validation and test (``val/...``, ``test/...``), accumulated over the epoch as torchmetrics
+    ``Metric`` objects (synchronised across processes):
+
+    * ``acc_quantized``: top-1 accuracy with the :class:`QuantizeActivations` callback's
+      forward quantization applied (also when that callback has ``quantize_eval=False``);
+    * ``acc_float``: the same weights, the same batches, with activation quantization switched
+      off (``QuantizeActivations.disabled()``);
+    * ``acc_gap``: ``acc_quantized - acc_float``, a fraction in [-1, 1] (negative: quantization
+      costs accuracy). Accuracies are fractions in [0, 1], not percentages.
+
+    Training, on the batch that starts every ``every_n_steps``-th optimizer step
+    (``trainer.global_step % every_n_steps == 0``: steps 0, N, 2N, ...), for every layer the
+    ``QuantizeActivations`` callback hooked with a forward format:
+    ``quant/<layer>/saturated``, ``quant/<layer>/flushed``, ``quant/<layer>/sqnr_db`` (see
+    :func:`quantization_error_stats`), computed from the layer's float output and the value
+    the hook quantized it to, summed over all calls of the layer in that batch and over all
+    processes. They are written to the loggers directly at that step (like Lightning's
+    ``LearningRateMonitor``, independently of ``log_every_n_steps``) and appear in
+    ``trainer.callback_metrics``; :attr:`last_layer_stats` holds the latest values.
+
+    Requirements: evaluation batches ``(inputs, targets)`` with ``targets`` integer class
+    indices, and ``pl_module(inputs)`` returning logits whose argmax over dim 1 is the
+    prediction (shape ``(N, C)`` or ``(N, C, ...)`` with targets ``(N, ...)``). Otherwise pass
+    ``batch_fn(batch) -> (inputs, targets)`` and/or ``forward_fn(pl_module, inputs) -> logits``.
+
+    Cost and side effects: each evaluation batch runs two extra forward passes (under
+    ``torch.no_grad()``, in the module's current mode, with the CPU and CUDA RNG states
+    restored afterwards, so training continues exactly as without this callback — also with
+    stochastic rounding, whose keys come from the CPU generator; a module left in train mode
+    during evaluation would update its BatchNorm statistics in those passes, as its own
+    validation_step does). The per-layer statistics
+    add no forward pass: forward hooks are attached only on sampled steps, one before the
+    quantizer's hook (float output) and one after it (the quantized value actually used, so
+    stochastic rounding is measured on the draw training used, and no random numbers are
+    consumed). Without a ``QuantizeActivations`` callback in the trainer both accuracies are
+    the float model's, the gap is 0 and no per-layer statistics are logged (a warning says
+    so once). Sanity-check validation is skipped.
+
+    Args:
+        every_n_steps: sample the per-layer statistics every this many optimizer steps (a
+            positive int), or ``None`` to log accuracies only.
+        batch_fn: ``batch_fn(batch) -> (inputs, targets)``; default: the batch is the pair.
+        forward_fn: ``forward_fn(pl_module, inputs) -> logits``; default: ``pl_module(inputs)``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = 50,
+        batch_fn: Optional[Callable[[Any], Tuple[Any, Tensor]]] = None,
+        forward_fn: Optional[Callable[[nn.Module, Any], Tensor]] = None,
+    ):
+        super().__init__()
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        for name, fn in (("batch_fn", batch_fn), ("forward_fn", forward_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        self.every_n_steps = every_n_steps
+        self.batch_fn = batch_fn or _default_batch_fn
+        self.forward_fn = forward_fn or _default_forward_fn
+        #: ``{layer: {"saturated": ..., "flushed": ..., "sqnr_db": ...}}`` of the latest sampled step.
+        self.last_layer_stats: Dict[str, Dict[str, float]] = {}
+        #: The global step the latest per-layer statistics were sampled at (None before any).
+        self.last_sampled_step: Optional[int] = None
+        self._quantizer: Optional[QuantizeActivations] = None
+        self._warned = False
+        self._metrics: Dict[Tuple[str, int], Dict[str, _Ratio]] = {}
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._sums: Dict[str, Tensor] = {}
+        self._sampling_step: Optional[int] = None
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        found = [cb for cb in trainer.callbacks if isinstance(cb, QuantizeActivations)]
+        if len(found) > 1:
+            raise ValueError(
+                f"QuantizationMetrics compares against one QuantizeActivations callback; the trainer has {len(found)}"
+            )
+        self._quantizer = found[0] if found else None
+        if self._quantizer is None and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                "QuantizationMetrics: the trainer has no QuantizeActivations callback, so the quantized and float "
+                "accuracies are the same and no per-layer statistics are logged"
+            )
+
+    # ---- accuracy: validation and test ----------------------------------------------------------
+
+    def _stage_metrics(self, stage: str, dataloader_idx: int, device: torch.device) -> Dict[str, _Ratio]:
+        key = (stage, dataloader_idx)
+        if key not in self._metrics:
+            self._metrics[key] = {n: _Ratio() for n in ("acc_quantized", "acc_float", "acc_gap")}
+        for metric in self._metrics[key].values():
+            metric.to(device)
+        return self._metrics[key]
+
+    def _reset(self, stage: str) -> None:
+        for (s, _), metrics in self._metrics.items():
+            if s == stage:
+                for metric in metrics.values():
+                    metric.reset()
+
+    def _logits(self, pl_module, inputs, quantized: bool) -> Tensor:
+        qa = self._quantizer
+        if qa is None:
+            return self.forward_fn(pl_module, inputs)
+        if not quantized:
+            with qa.disabled():
+                return self.forward_fn(pl_module, inputs)
+        previous, qa.quantize_eval = qa.quantize_eval, True  # quantize in eval mode too, for this pass
+        try:
+            return self.forward_fn(pl_module, inputs)
+        finally:
+            qa.quantize_eval = previous
+
+    def _evaluation_batch(self, trainer, pl_module, batch, dataloader_idx: int, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        inputs, targets = self.batch_fn(batch)
+        with torch.no_grad(), _preserved_rng(pl_module.device):
+            correct_q = _correct(self._logits(pl_module, inputs, quantized=True), targets)
+            if self._quantizer is None:
+                correct_f = correct_q
+            else:
+                correct_f = _correct(self._logits(pl_module, inputs, quantized=False), targets)
+        total = torch.tensor(targets.numel(), device=correct_q.device)
+        metrics = self._stage_metrics(stage, dataloader_idx, pl_module.device)
+        metrics["acc_quantized"].update(correct_q, total)
+        metrics["acc_float"].update(correct_f, total)
+        metrics["acc_gap"].update(correct_q - correct_f, total)
+        for name, metric in metrics.items():
+            pl_module.log(
+                f"{_STAGES[stage]}/{name}",
+                metric,
+                on_step=False,
+                on_epoch=True,
+                metric_attribute=f"_quantization_metrics_{stage}_{dataloader_idx}_{name}",
+            )
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._reset("validate")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._reset("test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._evaluation_batch(trainer, pl_module, batch, dataloader_idx, "validate")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._evaluation_batch(trainer, pl_module, batch, dataloader_idx, "test")
+
+    # ---- per-layer statistics: sampled training steps -------------------------------------------
+
+    def _layers(self) -> Dict[str, Format]:
+        """The hooked layers that quantize their output, with the forward format."""
+        qa = self._quantizer
+        if qa is None:
+            return {}
+        return {name: settings[0] for name, settings in qa.hooked.items() if settings[0] is not None}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if (
+            self.every_n_steps is None
+            or self._quantizer is None
+            or step % self.every_n_steps != 0
+            or step == self.last_sampled_step  # the later micro-batches of an accumulated step
+        ):
+            return
+        self._remove_hooks()
+        self._sums = {}
+        self._sampling_step = step
+        modules = dict(pl_module.named_modules())
+        for name, fmt in self._layers().items():
+            if name in modules:
+                self._attach(name, modules[name], fmt)
+
+    def _attach(self, name: str, module: nn.Module, fmt: Format) -> None:
+        qa = self._quantizer
+        pending: List[Optional[Tensor]] = []
+
+        def before_quantizer(mod, args, output):
+            quantizes = qa.enabled and (mod.training or qa.quantize_eval)
+            is_float = isinstance(output, Tensor) and output.is_floating_point()
+            pending.append(output.detach() if quantizes and is_float else None)
+
+        def after_quantizer(mod, args, output):
+            x = pending.pop() if pending else None
+            if x is None or not isinstance(output, Tensor) or output.shape != x.shape:
+                return
+            sums = _error_sums(x, output, fmt)
+            self._sums[name] = sums if name not in self._sums else self._sums[name] + sums
+
+        # prepend: before QuantizeActivations' hook, so it sees the float output; the second
+        # hook is registered after it, so it sees the value the quantizer returned.
+        self._handles.append(module.register_forward_hook(before_quantizer, prepend=True))
+        self._handles.append(module.register_forward_hook(after_quantizer))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._sampling_step is None:
+            return
+        step, self._sampling_step = self._sampling_step, None
+        self._remove_hooks()
+        self.last_sampled_step = step
+        names = list(self._layers())
+        if not names:
+            return
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
+        zeros = torch.zeros(5, dtype=dtype, device=pl_module.device)
+        local = torch.stack([self._sums.get(n, zeros).to(pl_module.device, dtype) for n in names])
+        self._sums = {}
+        # every process samples the same steps and layers, so this collective always matches
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu()
+        stats = {n: _stats_from_sums(total[i]) for i, n in enumerate(names) if total[i, 2] > 0}
+        self.last_layer_stats = stats
+        flat = {f"quant/{n}/{k}": v for n, s in stats.items() for k, v in s.items()}
+        if not flat:
+            return
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=step)
+        for key, value in flat.items():  # callback_metrics and progress bar, not the loggers again
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
+
+    # ---- cleanup --------------------------------------------------------------------------------
+
+    def teardown(self, trainer, pl_module, stage):
+        self._remove_hooks()
+        self._sampling_step = None
+        self._sums = {}
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.teardown(trainer, pl_module, "")
