@@ -26,6 +26,7 @@ from torchmetrics import Metric
 
 from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, as_format
+from lightning_lowp.reference import block_range
 
 __all__ = ["QuantizationMetrics", "quantization_error_stats"]
 
@@ -36,39 +37,9 @@ _STAGES = {"validate": "val", "test": "test"}
 
 
 def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
-    """The largest magnitude each element's block can hold (x's shape, float32).
-
-    A block whose largest finite magnitude is m (E = floor(log2 m)) holds multiples of
-    2**(E-wl+2) up to 2**(E+1) - 2**(E-wl+2); a block with no nonzero finite value, or wl=1,
-    holds only 0.
-    """
-    a = torch.where(torch.isfinite(x), x.abs(), 0.0)
-    if a.dim() == 0:
-        maxima = a
-    elif fmt.block_size is None:
-        if fmt.dim == -1:  # the whole tensor is one block
-            maxima = a.max()
-        else:  # one block per index along dim
-            d = fmt.dim % a.dim()
-            others = [i for i in range(a.dim()) if i != d]
-            maxima = a.amax(dim=others, keepdim=True) if others else a
-    else:  # runs of block_size consecutive elements along dim
-        d = fmt.dim % a.dim()
-        k = fmt.block_size
-        moved = a.movedim(d, -1)
-        n = moved.shape[-1]
-        nb = -(-n // k)
-        padded = torch.nn.functional.pad(moved, (0, nb * k - n))  # zeros never raise a maximum
-        block_max = padded.reshape(*moved.shape[:-1], nb, k).amax(dim=-1)
-        maxima = block_max.repeat_interleave(k, dim=-1)[..., :n].movedim(-1, d)
-    m = maxima.to(torch.float64) if maxima.device.type != "mps" else maxima
-    zero = (m == 0) | (fmt.wl == 1)
-    _, k2 = torch.frexp(torch.where(zero, 1.0, m))  # m = f * 2**k2, f in [0.5, 1): E = k2 - 1
-    top = torch.ldexp(torch.ones_like(m), k2)  # 2**(E+1)
-    step = torch.ldexp(torch.ones_like(m), k2 - fmt.wl + 1)  # 2**(E-wl+2)
-    step = torch.clamp(step, min=2.0**-149)  # below float32's finest step the kernels use 2**-149
-    limit = torch.where(zero, 0.0, top - step)
-    return limit.to(torch.float32).expand_as(x)
+    """The largest magnitude each element's block can hold (x's shape, float32)."""
+    a = x.detach().abs().to(torch.float64)
+    return block_range(a, fmt)[1].to(torch.float32)
 
 
 def _range(x: Tensor, fmt: Format) -> Tuple[Any, Any]:

@@ -32,14 +32,14 @@ values and the seed (``quantize(x.t().contiguous().t())`` draws differently from
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, as_format, check_rounding
 
-__all__ = ["reference_quantize", "random_bits", "kernel_counters"]
+__all__ = ["reference_quantize", "random_bits", "kernel_counters", "block_range"]
 
 _F64 = torch.float64
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -202,7 +202,10 @@ def _block_max(a: torch.Tensor, fmt: BlockFloatingPoint) -> torch.Tensor:
     return per_element.movedim(-1, d).contiguous()
 
 
-def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
+def block_range(a: torch.Tensor, fmt: BlockFloatingPoint) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(step, limit) of each element's block, for magnitudes ``a`` (float64): the block holds
+    multiples of ``step`` up to ``limit``; a block with no nonzero finite value, or wl=1,
+    holds only 0."""
     m = _block_max(a, fmt)
     zero_block = (m == 0) | (fmt.wl == 1)
     e = _floor_log2(torch.where(zero_block, 1.0, m))
@@ -210,7 +213,11 @@ def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
     limit = _pow2(e + 1) - q
     # Below 2**-149 the step is finer than float32: the range is the largest float32 below 2**(E+1).
     limit = torch.where(q < 2.0**-149, _pow2(e + 1) - 2.0**-149, limit)
-    limit = torch.where(zero_block, 0.0, limit)
+    return q, torch.where(zero_block, 0.0, limit)
+
+
+def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
+    q, limit = block_range(a, fmt)
     mag = _round_magnitude(torch.where(finite, a, 0.0), q, negative, rounding, rbits)
     mag = torch.minimum(mag, limit)
     return torch.where(finite, mag, limit)  # +-Inf: +-range end (0 for an all-zero block)
