@@ -1,0 +1,445 @@
+"""QPyTorch's API on lightning_lowp's kernels.
+
+Code written for QPyTorch runs after changing its imports::
+
+    from qtorch.quant import Quantizer, quantizer, fixed_point_quantize, float_quantize, block_quantize
+    from qtorch.optim import OptimLP
+    from qtorch import FixedPoint, FloatingPoint, BlockFloatingPoint
+
+becomes::
+
+    from lightning_lowp.compat.qtorch import (Quantizer, quantizer, fixed_point_quantize,
+        float_quantize, block_quantize, OptimLP, FixedPoint, FloatingPoint, BlockFloatingPoint)
+
+The names, argument names, defaults (``"stochastic"`` rounding) and semantics are QPyTorch's
+(``qtorch/number.py``, ``qtorch/quant/quant_function.py``, ``qtorch/optim/optim_low.py``); the
+arithmetic is lightning_lowp's (``lightning_lowp.quantize``), correctly rounded:
+
+* ``FloatingPoint(exp, man)`` is ``lightning_lowp.FloatingPoint(exp, man, subnormals=True,
+  specials="ieee", overflow="saturate")``: bias 2^(exp-1)-1, IEEE's largest exponent
+  (largest value (2-2^-man)*2^(2^(exp-1)-1)), IEEE subnormals, no Inf or NaN codes - results
+  past the largest value and +-Inf inputs saturate to +-max. ``"nearest"`` rounds ties away
+  from zero (QPyTorch adds half an ulp to the magnitude bits and truncates).
+* ``FixedPoint(wl, fl, clamp, symmetric)`` and ``BlockFloatingPoint(wl, dim)`` are
+  lightning_lowp's formats of the same names. QPyTorch rounds them to nearest with ties toward
+  +inf (``floor(x*2^fl + 0.5)``; block floating point adds half a step to the positive word
+  ``x + 1.5*2^(E+2)``), after a float32 addition that can itself round. lightning_lowp has no
+  ties-toward-+inf mode; ``"nearest"`` maps to ``"nearest_away"``, the same rule for every x >= 0
+  (ReLU activations, all positive data); a negative exact tie rounds away from zero here and
+  toward zero in QPyTorch.
+* ``"stochastic"`` is lightning_lowp's stochastic rounding for every format: reproducible under
+  ``torch.manual_seed`` (QPyTorch's CPU kernels draw from an unseeded ``std::random_device``).
+
+Where QPyTorch's float32 bit tricks double-round, the result here is the correctly rounded one;
+NaN stays NaN (QPyTorch's floats turn it into +-max), and a block's exponent comes from its
+largest *finite* magnitude.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.optim import SGD, Adam, Optimizer
+
+from lightning_lowp import formats as _lp
+from lightning_lowp.functional import quantize as _quantize
+
+__all__ = [
+    "Number",
+    "FixedPoint",
+    "FloatingPoint",
+    "BlockFloatingPoint",
+    "quantizer",
+    "Quantizer",
+    "OptimLP",
+    "fixed_point_quantize",
+    "float_quantize",
+    "block_quantize",
+    "ROUNDINGS",
+]
+
+#: QPyTorch's rounding names.
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def _check_rounding(rounding, argument: str = "rounding") -> str:
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"{argument}={rounding!r} is not a QPyTorch rounding; accepted: {', '.join(ROUNDINGS)}")
+    return rounding
+
+
+# ---- number formats ----------------------------------------------------------------------
+
+
+class Number:
+    """Base of the number formats (QPyTorch's ``qtorch.Number``).
+
+    ``to_lowp()`` is the equivalent lightning_lowp format and ``rounding(r)`` the lightning_lowp
+    rounding mode QPyTorch's rounding ``r`` ("nearest" or "stochastic") maps to.
+    """
+
+    _fields: tuple = ()
+    #: the lightning_lowp mode QPyTorch's "nearest" maps to for this kind of number
+    nearest = "nearest_away"
+
+    def to_lowp(self) -> _lp.Format:
+        raise NotImplementedError
+
+    def rounding(self, rounding: str, argument: str = "rounding") -> str:
+        return self.nearest if _check_rounding(rounding, argument) == "nearest" else "stochastic"
+
+    def _values(self):
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._values() == self._values()
+
+    def __hash__(self):
+        return hash((type(self).__name__,) + self._values())
+
+
+class FixedPoint(Number):
+    """QPyTorch's ``FixedPoint(wl, fl, clamp=True, symmetric=False)``: multiples of 2^-fl in
+    [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (``symmetric``: from -2^(wl-fl-1) + 2^-fl); ``clamp=False``
+    keeps the grid only. ``wl`` 1..25 (float32 holds every such value exactly)."""
+
+    _fields = ("wl", "fl", "clamp", "symmetric")
+
+    def __init__(self, wl, fl, clamp=True, symmetric=False):
+        self.wl, self.fl, self.clamp, self.symmetric = wl, fl, clamp, symmetric
+        self.to_lowp()  # validates
+
+    def to_lowp(self) -> _lp.FixedPoint:
+        return _lp.FixedPoint(self.wl, self.fl, clamp=self.clamp, symmetric=self.symmetric)
+
+    def __repr__(self):
+        return f"FixedPoint (wl={self.wl}, fl={self.fl})"
+
+    __str__ = __repr__
+
+
+class FloatingPoint(Number):
+    """QPyTorch's ``FloatingPoint(exp, man)``: bias 2^(exp-1)-1, IEEE exponent range and
+    subnormals, no Inf/NaN codes (overflow and +-Inf saturate to +-max). ``exp`` 2..8 (QPyTorch's
+    exp=1 has no normal numbers), ``man`` 0..23."""
+
+    _fields = ("exp", "man")
+
+    def __init__(self, exp, man):
+        self.exp, self.man = exp, man
+        self.to_lowp()  # validates
+
+    def to_lowp(self) -> _lp.FloatingPoint:
+        if self.exp == 1 and not isinstance(self.exp, bool):
+            raise ValueError(
+                "exp=1 is out of range; accepted: 2..8 (with QPyTorch's IEEE exponent range, exp=1 has no normal "
+                "numbers; use FixedPoint for a 1-bit exponent's values)"
+            )
+        return _lp.FloatingPoint(self.exp, self.man, subnormals=True, specials="ieee", overflow="saturate")
+
+    def __repr__(self):
+        return f"FloatingPoint (exponent={self.exp}, mantissa={self.man})"
+
+    __str__ = __repr__
+
+
+class BlockFloatingPoint(Number):
+    """QPyTorch's ``BlockFloatingPoint(wl, dim=-1)``: each block shares the exponent
+    E = floor(log2 max|x|) of its largest finite magnitude and holds multiples of 2^(E-wl+2) up to
+    +-(2^(E+1) - 2^(E-wl+2)). ``dim=-1``: the whole tensor is one block; ``dim=d >= 0``: one
+    exponent per index along d. ``wl`` 1..25."""
+
+    _fields = ("wl", "dim")
+
+    def __init__(self, wl, dim=-1):
+        self.wl, self.dim = wl, dim
+        self.to_lowp()  # validates
+
+    def to_lowp(self) -> _lp.BlockFloatingPoint:
+        fmt = _lp.BlockFloatingPoint(self.wl, dim=self.dim)
+        if self.dim < -1:
+            raise ValueError(f"dim={self.dim} is out of range; accepted: -1 (the whole tensor is one block) or >= 0")
+        return fmt
+
+    def __repr__(self):
+        return f"BlockFloatingPoint (wl={self.wl}, dim={self.dim})"
+
+    __str__ = __repr__
+
+
+def _check_number(number, argument: str) -> Optional[Number]:
+    if number is not None and not isinstance(number, Number):
+        raise ValueError(
+            f"{argument} must be a FixedPoint, FloatingPoint or BlockFloatingPoint (from "
+            f"lightning_lowp.compat.qtorch) or None, got {number!r}"
+        )
+    return number
+
+
+# ---- functions -----------------------------------------------------------------------------
+
+
+def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic"):
+    """``x`` rounded to ``FixedPoint(wl, fl, clamp, symmetric)``; a new tensor of x's shape and dtype."""
+    number = FixedPoint(wl, fl, clamp, symmetric)
+    return _quantize(x, number.to_lowp(), number.rounding(rounding))
+
+
+def float_quantize(x, exp, man, rounding="stochastic"):
+    """``x`` rounded to ``FloatingPoint(exp, man)``; a new tensor of x's shape and dtype."""
+    number = FloatingPoint(exp, man)
+    return _quantize(x, number.to_lowp(), number.rounding(rounding))
+
+
+def block_quantize(x, wl, dim=-1, rounding="stochastic"):
+    """``x`` rounded to ``BlockFloatingPoint(wl, dim)``; a new tensor of x's shape and dtype."""
+    number = BlockFloatingPoint(wl, dim)
+    return _quantize(x, number.to_lowp(), number.rounding(rounding))
+
+
+def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str):
+    """Clamped fixed-point rounding and the mask of the elements whose rounded value was
+    outside the range (QPyTorch's ``fixed_point_quantize_*_mask``)."""
+    fmt = number.to_lowp()
+    q = _quantize(x.float(), dataclasses.replace(fmt, clamp=False), rounding)
+    step = 2.0**-fmt.fl
+    hi = (2.0 ** (fmt.wl - 1) - 1) * step
+    lo = -(2.0 ** (fmt.wl - 1) - (1 if fmt.symmetric else 0)) * step
+    mask = (q > hi) | (q < lo)
+    return q.clamp(lo, hi).to(x.dtype), mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    forward: Optional[Number]
+    backward: Optional[Number]
+    forward_rounding: str  # lightning_lowp modes
+    backward_rounding: str
+    clamping_grad_zero: bool
+    backward_hooks: tuple
+
+
+class _Rounding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec: _Spec):
+        ctx.spec, ctx.mask = spec, None
+        if spec.forward is None:
+            if spec.clamping_grad_zero:
+                ctx.mask = torch.zeros_like(x, dtype=torch.bool)
+            return x.view_as(x)
+        if spec.clamping_grad_zero:
+            out, ctx.mask = _fixed_with_mask(x, spec.forward, spec.forward_rounding)
+            return out
+        return _quantize(x, spec.forward.to_lowp(), spec.forward_rounding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        spec = ctx.spec
+        for hook in spec.backward_hooks:
+            grad = hook(grad)
+        if spec.backward is not None:
+            grad = _quantize(grad, spec.backward.to_lowp(), spec.backward_rounding)
+        if ctx.mask is not None:
+            grad = grad.masked_fill(ctx.mask, 0)
+        return grad, None
+
+
+def quantizer(
+    forward_number=None,
+    backward_number=None,
+    forward_rounding="stochastic",
+    backward_rounding="stochastic",
+    clamping_grad_zero=False,
+    backward_hooks=(),
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function ``f(x)``: x rounded to ``forward_number`` in the forward pass, the gradient
+    flowing back through it rounded to ``backward_number`` (``None``: unchanged).
+
+    ``clamping_grad_zero=True`` (``forward_number`` a clamping ``FixedPoint`` or ``None``) zeroes
+    the gradient of the elements the forward pass clamped. ``backward_hooks`` are functions
+    applied, in order, to the gradient before its rounding. (QPyTorch applies the hooks and the
+    mask only with ``clamping_grad_zero=True`` and a ``backward_number``; here they always apply.)
+    """
+    forward_number = _check_number(forward_number, "forward_number")
+    backward_number = _check_number(backward_number, "backward_number")
+    _check_rounding(forward_rounding, "forward_rounding")
+    _check_rounding(backward_rounding, "backward_rounding")
+    if not isinstance(clamping_grad_zero, bool):
+        raise ValueError(f"clamping_grad_zero must be True or False, got {clamping_grad_zero!r}")
+    if clamping_grad_zero and forward_number is not None and not (
+        isinstance(forward_number, FixedPoint) and forward_number.clamp
+    ):
+        raise ValueError(
+            "clamping_grad_zero=True needs forward_number to be a FixedPoint with clamp=True (or None), "
+            f"got {forward_number!r}"
+        )
+    if isinstance(backward_hooks, Iterable) and not isinstance(backward_hooks, (str, bytes)):
+        hooks = tuple(backward_hooks)
+    else:
+        hooks = None
+    if hooks is None or not all(callable(h) for h in hooks):
+        raise ValueError(f"backward_hooks must be an iterable of functions, got {backward_hooks!r}")
+    spec = _Spec(
+        forward=forward_number,
+        backward=backward_number,
+        forward_rounding=forward_number.rounding(forward_rounding) if forward_number else "nearest",
+        backward_rounding=backward_number.rounding(backward_rounding) if backward_number else "nearest",
+        clamping_grad_zero=clamping_grad_zero,
+        backward_hooks=hooks,
+    )
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        return _Rounding.apply(x, spec)
+
+    quantize.spec = spec
+    return quantize
+
+
+class Quantizer(nn.Module):
+    """:func:`quantizer` as a module (QPyTorch's ``qtorch.quant.Quantizer``)."""
+
+    def __init__(
+        self,
+        forward_number=None,
+        backward_number=None,
+        forward_rounding="stochastic",
+        backward_rounding="stochastic",
+    ):
+        super().__init__()
+        self.quantize = quantizer(forward_number, backward_number, forward_rounding, backward_rounding)
+        self.forward_number, self.backward_number = forward_number, backward_number
+        self.forward_rounding, self.backward_rounding = forward_rounding, backward_rounding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"forward_number={self.forward_number}, backward_number={self.backward_number}, "
+            f"forward_rounding={self.forward_rounding!r}, backward_rounding={self.backward_rounding!r}"
+        )
+
+
+# ---- optimizer -----------------------------------------------------------------------------
+
+
+class OptimLP(Optimizer):
+    """QPyTorch's low-precision optimizer wrapper around a ``torch.optim.SGD`` or ``Adam``
+    (``AdamW`` included).
+
+    ``step()`` does, in QPyTorch's order: each gradient times ``grad_scaling``, rounded by
+    ``grad_quant``; with ``acc_quant``, each weight replaced by its accumulator (a copy of the
+    initial weight, kept across steps); the wrapped optimizer's step; ``acc_quant`` of the result
+    kept as the accumulator; the weight set to ``weight_quant`` of it; SGD's ``momentum_buffer``
+    (when momentum != 0) or Adam's ``exp_avg`` and ``exp_avg_sq`` replaced by ``momentum_quant``
+    of them. Each ``*_quant`` is any function of a tensor (a ``Quantizer``, a ``quantizer``, a
+    lambda) or ``None`` (left as is); a ``Quantizer`` applies its forward rounding.
+
+    Beyond QPyTorch: ``step(closure)`` evaluates the closure first (QPyTorch ignores it), a
+    parameter without a gradient or without optimizer state is skipped, and ``state_dict()``
+    holds the wrapped optimizer's state and the accumulators.
+    """
+
+    def __init__(
+        self,
+        optim,
+        weight_quant=None,
+        grad_scaling=1.0,
+        grad_quant=None,
+        momentum_quant=None,
+        acc_quant=None,
+    ):
+        if not isinstance(optim, (SGD, Adam)):
+            raise ValueError(
+                f"optim must be a torch.optim.SGD or torch.optim.Adam (or AdamW) instance, got {type(optim).__name__} "
+                "(QPyTorch's OptimLP supports these; lightning_lowp.LowPrecision handles any optimizer)"
+            )
+        for name, fn in (("weight_quant", weight_quant), ("grad_quant", grad_quant),
+                         ("momentum_quant", momentum_quant), ("acc_quant", acc_quant)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be a function of a tensor (e.g. a Quantizer) or None, got {fn!r}")
+        if (
+            not isinstance(grad_scaling, numbers.Real)
+            or isinstance(grad_scaling, bool)
+            or not float(grad_scaling) > 0
+            or float(grad_scaling) == float("inf")
+        ):
+            raise ValueError(f"grad_scaling must be a positive finite number, got {grad_scaling!r}")
+        super().__init__(optim.param_groups, optim.defaults)
+        self.param_groups = optim.param_groups  # shared: learning-rate changes reach the wrapped optimizer
+        self.state = optim.state
+        self.optim = optim
+        self.grad_scaling = float(grad_scaling)
+        self.weight_quant, self.grad_quant = weight_quant, grad_quant
+        self.momentum_quant, self.acc_quant = momentum_quant, acc_quant
+        self.momentum_keys = ["momentum_buffer"] if isinstance(optim, SGD) else ["exp_avg", "exp_avg_sq"]
+        self.weight_acc = {}
+        if acc_quant is not None:
+            for p in self._params():
+                self.weight_acc[p] = p.detach().clone()
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of the wrapped optimizer with the quantizations around it (see the class)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.grad_quant is not None:
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad.data = self.grad_quant(p.grad.data * self.grad_scaling)
+        if self.acc_quant is not None:
+            for p in self._params():
+                p.data = self.weight_acc[p].data
+        inner_loss = self.optim.step()
+        loss = inner_loss if loss is None else loss
+        if self.acc_quant is not None:
+            for p in self._params():
+                p.data = self.weight_acc[p].data = self.acc_quant(p.data).data
+        if self.weight_quant is not None:
+            for p in self._params():
+                p.data = self.weight_quant(p.data).data
+        if self.momentum_quant is not None:
+            for group in self.param_groups:
+                if isinstance(self.optim, SGD) and group["momentum"] == 0:
+                    continue
+                for p in group["params"]:
+                    state = self.optim.state.get(p, {})
+                    for key in self.momentum_keys:
+                        if isinstance(state.get(key), torch.Tensor):
+                            state[key] = self.momentum_quant(state[key])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optim.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        params = self._params()
+        return {
+            "optim": self.optim.state_dict(),
+            "weight_acc": [self.weight_acc[p].clone() for p in params] if self.acc_quant is not None else None,
+        }
+
+    def load_state_dict(self, state_dict) -> None:
+        if not isinstance(state_dict, dict) or "optim" not in state_dict:
+            raise ValueError("state_dict must be a dict from OptimLP.state_dict() (keys 'optim', 'weight_acc')")
+        self.optim.load_state_dict(state_dict["optim"])
+        self.state = self.optim.state
+        accs = state_dict.get("weight_acc")
+        if self.acc_quant is not None and accs is not None:
+            params = self._params()
+            if len(accs) != len(params):
+                raise ValueError(f"state_dict holds {len(accs)} accumulators for {len(params)} parameters")
+            for p, acc in zip(params, accs):
+                self.weight_acc[p] = acc.detach().to(device=p.device, dtype=p.dtype).clone()
+
+    def __repr__(self):
+        return f"LP Optimizer: {self.optim!r}"

@@ -1,0 +1,169 @@
+"""The seed notebook's own code runs on lightning_lowp.compat.qtorch with only its imports changed.
+
+The code cells are extracted from ``shared/seed/000_b6ab774069d57cca.txt`` (the QPyTorch
+MNIST notebook as text) at test time, the three ``qtorch`` import lines are pointed at
+``lightning_lowp.compat.qtorch`` - nothing else in the code changes - and the result runs as one
+script in a subprocess. Its ``torchvision.datasets.MNIST(..., download=True)`` finds small IDX
+files written beforehand (192 training and 64 test images taken from Fashion-MNIST), so it
+neither downloads nor takes long: all 100 epochs of the notebook (float, block floating point,
+the word-length sweep 1..8) run on 3 + 1 batches each.
+"""
+
+import ast
+import gzip
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_NAME = "000_b6ab774069d57cca.txt"
+# $LOWP_SEED_NOTEBOOK, a copy in tests/data, or the shared/ folder beside or inside the checkout
+SEED_CANDIDATES = [Path(p) for p in [os.environ.get("LOWP_SEED_NOTEBOOK")] if p] + [
+    REPO / "tests" / "data" / SEED_NAME,
+    REPO / "shared" / "seed" / SEED_NAME,
+    REPO.parent / "shared" / "seed" / SEED_NAME,
+]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+N_TRAIN, N_TEST = 192, 64
+
+_CELL_MARKER = re.compile(r"^In \[[^\]]*\]:\s*$")
+_MAGIC = re.compile(r"^\s*[%!]")
+_QTORCH_IMPORT = re.compile(r"^from qtorch(?:\.(?:quant|optim))? import (.+)$")
+
+
+def seed_path() -> Path:
+    for path in SEED_CANDIDATES:
+        if path.is_file():
+            return path
+    pytest.fail(f"the seed notebook is missing (set LOWP_SEED_NOTEBOOK); looked in: {', '.join(map(str, SEED_CANDIDATES))}")
+
+
+def _chunks(lines):
+    """Blank-line-separated runs of lines, each with the blank lines that precede it."""
+    chunk, blanks = [], []
+    for line in lines:
+        if line.strip():
+            chunk.append(line)
+        elif chunk:
+            yield blanks, chunk
+            chunk, blanks = [], [line]
+        else:
+            blanks.append(line)
+    if chunk:
+        yield blanks, chunk
+
+
+def extract_cells(text: str):
+    """The code of every ``In [N]:`` cell, without IPython magics.
+
+    A cell's code starts after its marker line and runs over blank-line-separated chunks as long
+    as the code so far compiles; the first chunk that does not (prose, tqdm bars, printed
+    outputs) ends it, and so does the next marker.
+    """
+    lines = text.splitlines()
+    markers = [i for i, line in enumerate(lines) if _CELL_MARKER.match(line)]
+    cells = []
+    for k, start in enumerate(markers):
+        end = markers[k + 1] if k + 1 < len(markers) else len(lines)
+        code = []
+        for blanks, chunk in _chunks(lines[start + 1 : end]):
+            candidate = code + blanks + [line for line in chunk if not _MAGIC.match(line)]
+            try:
+                compile("\n".join(candidate) + "\n", f"<cell {k}>", "exec")
+            except SyntaxError:
+                break
+            code = candidate
+        cells.append("\n".join(code).strip("\n"))
+    return cells
+
+
+def seed_script() -> str:
+    cells = extract_cells(seed_path().read_text(encoding="utf-8"))
+    script = "\n\n".join(cells) + "\n"
+    replaced = 0
+    out = []
+    for line in script.splitlines():
+        m = _QTORCH_IMPORT.match(line)
+        if m:
+            line = f"from lightning_lowp.compat.qtorch import {m.group(1)}"
+            replaced += 1
+        out.append(line)
+    assert replaced == 3, f"expected the seed's three qtorch import lines, replaced {replaced}"
+    script = "\n".join(out) + "\n"
+    assert "qtorch" not in script.replace("lightning_lowp.compat.qtorch", "")
+    return script
+
+
+def test_extractor_finds_exactly_the_code_cells():
+    cells = extract_cells(seed_path().read_text(encoding="utf-8"))
+    assert len(cells) == 15 and all(cells)
+    joined = "\n".join(cells)
+    # outputs and prose are left out, magics dropped
+    for text in ("100%|", "epoch 0\n", "{'loss'", "Record start time", "%matplotlib", "We now use"):
+        assert text not in joined
+    assert cells[0].startswith("# import useful modules") and cells[0].endswith("from tqdm import tqdm")
+    assert cells[4].startswith("# let's define the model") and cells[4].endswith("return F.log_softmax(x, dim=1)")
+    assert cells[6].count("\n") == 29 and cells[6].endswith("}")  # run_epoch: 30 lines, blank lines inside kept
+    assert cells[11] == "import numpy as np\nimport matplotlib\nimport matplotlib.pyplot as plt"
+    assert cells[12].endswith("print(res)") and "for wl in range(minp, maxp+1):" in cells[12]
+    assert cells[14] == 'print("Total execution time (s):", time.time() - start_time)'
+    compile(seed_script(), "seed.py", "exec")
+
+
+def _write_idx_subset(src: Path, dst: Path, count: int, header: int, item_bytes: int) -> None:
+    """The first ``count`` items of a gzipped IDX file, as a raw IDX file."""
+    with gzip.open(src, "rb") as f:
+        head = bytearray(f.read(header))
+        data = f.read(count * item_bytes)
+    assert len(data) == count * item_bytes, f"{src} holds fewer than {count} items"
+    head[4:8] = count.to_bytes(4, "big")
+    dst.write_bytes(bytes(head) + data)
+
+
+def write_small_mnist(raw: Path) -> None:
+    missing = [n for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz") if not (FASHION / n).is_file()]
+    if missing:
+        pytest.fail(
+            f"Fashion-MNIST is missing from {FASHION} ({', '.join(missing)}); install it with "
+            "`apt-get install dataset-fashion-mnist` (scripts/setup.sh does when run as root)"
+        )
+    raw.mkdir(parents=True)
+    for split, count in (("train", N_TRAIN), ("t10k", N_TEST)):
+        _write_idx_subset(FASHION / f"{split}-images-idx3-ubyte.gz", raw / f"{split}-images-idx3-ubyte", count, 16, 784)
+        _write_idx_subset(FASHION / f"{split}-labels-idx1-ubyte.gz", raw / f"{split}-labels-idx1-ubyte", count, 8, 1)
+
+
+_DICT = re.compile(r"^\{'loss': \S+, 'accuracy': \S+\}$")
+
+
+def test_seed_notebook_runs_on_the_compat_layer(tmp_path):
+    script = seed_script()
+    (tmp_path / "seed.py").write_text(script, encoding="utf-8")
+    # The seed reads torchvision.datasets.MNIST(os.path.join("./data", "MNIST")): raw files in <root>/MNIST/raw.
+    write_small_mnist(tmp_path / "data" / "MNIST" / "MNIST" / "raw")
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "seed.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, f"the seed script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    lines = proc.stdout.splitlines()
+
+    # 10 float epochs, 10 block-floating-point epochs, 10 epochs for each word length 1..8;
+    # each prints its header, then the train and the test dict.
+    headers = [i for i, line in enumerate(lines) if re.fullmatch(r"(wl \d )?epoch \d", line)]
+    expected = [f"epoch {e}" for e in range(10)] * 2 + [f"wl {wl} epoch {e}" for wl in range(1, 9) for e in range(10)]
+    assert [lines[i] for i in headers] == expected
+    for i in headers:
+        assert _DICT.match(lines[i + 1]) and _DICT.match(lines[i + 2]), lines[i : i + 3]
+        for d in (lines[i + 1], lines[i + 2]):
+            assert 0.0 <= float(re.search(r"'accuracy': (\S+)\}", d).group(1)) <= 100.0
+
+    res = ast.literal_eval(next(line for line in lines if line.startswith("[(")))
+    assert [wl for wl, _ in res] == list(range(1, 9))
+    assert all(0.0 <= acc <= 100.0 for _, acc in res)
+    assert re.fullmatch(r"Total execution time \(s\): \d+\.\d+", lines[-1])
