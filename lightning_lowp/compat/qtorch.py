@@ -26,13 +26,16 @@ arithmetic is lightning_lowp's (``lightning_lowp.quantize``), correctly rounded:
   ``x + 1.5*2^(E+2)``), after a float32 addition that can itself round. lightning_lowp has no
   ties-toward-+inf mode; ``"nearest"`` maps to ``"nearest_away"``, the same rule for every x >= 0
   (ReLU activations, all positive data); a negative exact tie rounds away from zero here and
-  toward zero in QPyTorch.
+  toward zero in QPyTorch's CPU kernels. (QPyTorch's CUDA fixed-point kernel computes
+  ``nearbyint(x*2^fl + 0.5 - 0.5)``, ties to even: ``Number.nearest`` is the one place to change.)
 * ``"stochastic"`` is lightning_lowp's stochastic rounding for every format: reproducible under
-  ``torch.manual_seed`` (QPyTorch's CPU kernels draw from an unseeded ``std::random_device``).
+  ``torch.manual_seed`` (QPyTorch's CPU float and block kernels draw from a ``std::mt19937``
+  seeded by ``std::random_device``, which no seed reaches).
 
 Where QPyTorch's float32 bit tricks double-round, the result here is the correctly rounded one;
-NaN stays NaN (QPyTorch's floats turn it into +-max), and a block's exponent comes from its
-largest *finite* magnitude.
+NaN stays NaN (QPyTorch's floats turn it into +-max), zero keeps its sign, a block's exponent
+comes from its largest *finite* magnitude (QPyTorch: a block holding Inf or NaN becomes NaN),
+and ``BlockFloatingPoint(1)`` gives zeros (QPyTorch: 0 or +-2^E).
 """
 
 from __future__ import annotations
@@ -134,11 +137,8 @@ class FloatingPoint(Number):
         self.to_lowp()  # validates
 
     def to_lowp(self) -> _lp.FloatingPoint:
-        if self.exp == 1 and not isinstance(self.exp, bool):
-            raise ValueError(
-                "exp=1 is out of range; accepted: 2..8 (with QPyTorch's IEEE exponent range, exp=1 has no normal "
-                "numbers; use FixedPoint for a 1-bit exponent's values)"
-            )
+        # QPyTorch accepts exp=1, but with its IEEE exponent range that format has no normal numbers.
+        _lp._check_int("exp", self.exp, 2, 8, " (exp=1 has no normal numbers in QPyTorch's IEEE exponent range)")
         return _lp.FloatingPoint(self.exp, self.man, subnormals=True, specials="ieee", overflow="saturate")
 
     def __repr__(self):
@@ -286,8 +286,8 @@ def quantizer(
     spec = _Spec(
         forward=forward_number,
         backward=backward_number,
-        forward_rounding=forward_number.rounding(forward_rounding) if forward_number else "nearest",
-        backward_rounding=backward_number.rounding(backward_rounding) if backward_number else "nearest",
+        forward_rounding=forward_number.rounding(forward_rounding) if forward_number is not None else "nearest",
+        backward_rounding=backward_number.rounding(backward_rounding) if backward_number is not None else "nearest",
         clamping_grad_zero=clamping_grad_zero,
         backward_hooks=hooks,
     )
