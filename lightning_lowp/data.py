@@ -11,8 +11,8 @@ in-memory tensors, so it works offline and costs no per-item transform:
 Where the files come from, in order: an explicit ``data_dir`` holding the four IDX files
 (also ``<data_dir>/MNIST/raw`` and ``<data_dir>/FashionMNIST/raw``, torchvision's layout);
 for Fashion-MNIST the Debian package's directory (``apt-get install dataset-fashion-mnist``
-puts the files in ``/usr/share/datasets/fashion-mnist``); for MNIST a torchvision download
-into ``data_dir`` (default ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``), which
+puts the files in ``/usr/share/datasets/fashion-mnist``); then a torchvision download (MNIST,
+or Fashion-MNIST when asked for by name) into ``data_dir`` (default ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``), which
 needs network access.
 """
 
@@ -112,11 +112,13 @@ def _looks_like_file(path: str, mtime_ns: int) -> str:
     return "mnist" if images[:2000].float().mean().item() / 255 < 0.21 else "fashion-mnist"
 
 
-def _download_mnist(root: Path) -> None:
-    """Download MNIST with torchvision into ``root/MNIST/raw`` (raises when offline)."""
+def _download(name: str, root: Path) -> None:
+    """Download MNIST or Fashion-MNIST with torchvision into ``root/<Folder>/raw`` (raises when
+    offline)."""
     import torchvision  # only needed here; slow to import
 
-    torchvision.datasets.MNIST(str(root), download=True)
+    dataset = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    dataset(str(root), download=True)
 
 
 def _default_root() -> Path:
@@ -142,7 +144,7 @@ class MNISTFamily(pl.LightningDataModule):
         batch_size: as the seed notebook (64).
         num_workers: DataLoader workers (the tensors are in memory: 0 is usually fastest).
         train_limit, val_limit: use only the first N training / test examples (quick runs, CI).
-        download: allow the torchvision download of MNIST.
+        download: allow torchvision's download (MNIST, or Fashion-MNIST when asked for by name).
 
     The training split is the 60,000 training images (shuffled each epoch); validation and
     test both use the 10,000 test images, as the seed notebook evaluates on them after every
@@ -214,21 +216,22 @@ class MNISTFamily(pl.LightningDataModule):
         wanted = ["mnist", "fashion-mnist"] if self.dataset == "auto" else [self.dataset]
         errors = []
 
-        def try_download():
+        def try_download(name="mnist"):
             root = self.data_dir if self.data_dir is not None else _default_root()
             try:
-                _download_mnist(root)
+                _download(name, root)
             except Exception as err:  # offline: URLError, RuntimeError, ...
                 message = " ".join(str(err).split())
-                errors.append(f"downloading MNIST into {root} failed ({type(err).__name__}: {message[:300]})")
-            return self._locate("mnist")
+                shown = "MNIST" if name == "mnist" else "Fashion-MNIST"
+                errors.append(f"downloading {shown} into {root} failed ({type(err).__name__}: {message[:300]})")
+            return self._locate(name)
 
         if self.dataset == "mnist":
             found = self._locate("mnist") or (try_download() if download else None)
             if found is not None:
                 return "mnist", found
         elif self.dataset == "fashion-mnist":
-            found = self._locate("fashion-mnist")
+            found = self._locate("fashion-mnist") or (try_download("fashion-mnist") if download else None)
             if found is not None:
                 return "fashion-mnist", found
         else:  # "auto": MNIST on disk; Fashion-MNIST in an explicit data_dir; MNIST download; Debian's
@@ -252,8 +255,8 @@ class MNISTFamily(pl.LightningDataModule):
             + ". To get a dataset: `apt-get install dataset-fashion-mnist` (Fashion-MNIST, into "
             f"{DEBIAN_FASHION_MNIST_DIR}), or pass data_dir= a directory holding "
             "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-            "t10k-labels-idx1-ubyte (raw or .gz), or be online for the MNIST download"
-            + ("" if download or "mnist" not in wanted else " (and pass download=True)")
+            "t10k-labels-idx1-ubyte (raw or .gz), or be online for torchvision's download"
+            + ("" if download else " (and pass download=True)")
             + "."
         )
 

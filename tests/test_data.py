@@ -45,11 +45,11 @@ def offline(tmp_path, monkeypatch):
     """No MNIST download, no Debian Fashion-MNIST, an empty default data directory."""
     calls = []
 
-    def fail(root):
+    def fail(name, root):
         calls.append(Path(root))
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: Name or service not known")
 
-    monkeypatch.setattr(data, "_download_mnist", fail)
+    monkeypatch.setattr(data, "_download", fail)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
     monkeypatch.setenv("LOWP_DATA_DIR", str(tmp_path / "default-root"))
     return calls
@@ -140,11 +140,12 @@ def test_auto_prefers_mnist_when_the_download_works(tmp_path, offline, monkeypat
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", write_dataset(tmp_path / "debian", FASHION_LIKE))
     downloads = []
 
-    def fake_download(root):  # what torchvision leaves behind: raw files in <root>/MNIST/raw
+    def fake_download(name, root):  # what torchvision leaves behind: raw files in <root>/MNIST/raw
+        assert name == "mnist"
         downloads.append(root)
         write_dataset(Path(root) / "MNIST" / "raw", MNIST_LIKE, compress=False)
 
-    monkeypatch.setattr(data, "_download_mnist", fake_download)
+    monkeypatch.setattr(data, "_download", fake_download)
     dm = MNISTFamily("auto", data_dir=tmp_path / "cache")
     dm.prepare_data()
     assert dm.dataset_name == "mnist" and dm.source_dir == tmp_path / "cache" / "MNIST" / "raw"
@@ -179,12 +180,12 @@ def test_clear_error_when_no_dataset_is_available(tmp_path, offline):
         assert "data_dir" in message and "t10k-images-idx3-ubyte" in message
         assert "online" in message
         assert str(tmp_path / "empty") in message  # says where it looked
-        if dataset != "fashion-mnist":
-            assert "downloading MNIST" in message and "Name or service not known" in message
-    assert len(offline) == 2  # auto and mnist tried the download, fashion-mnist did not
+        shown = "Fashion-MNIST" if dataset == "fashion-mnist" else "MNIST"
+        assert f"downloading {shown}" in message and "Name or service not known" in message
+    assert len(offline) == 3  # every dataset choice tried torchvision's download
     with pytest.raises(FileNotFoundError, match="download=True"):
         MNISTFamily("mnist", data_dir=tmp_path / "empty", download=False).setup("fit")
-    assert len(offline) == 2
+    assert len(offline) == 3
 
 
 def test_incomplete_directory_is_not_used(tmp_path, offline):
@@ -238,3 +239,17 @@ def test_lenet_fits_on_the_data_module_and_logs(tmp_path, offline):
     assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
     assert set(result) == {"test/loss", "test/acc"} and 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_fashion_mnist_is_downloaded_when_nowhere_on_disk(tmp_path, offline, monkeypatch):
+    downloads = []
+
+    def fake_download(name, root):  # torchvision's layout: <root>/FashionMNIST/raw
+        downloads.append(name)
+        write_dataset(Path(root) / "FashionMNIST" / "raw", FASHION_LIKE, compress=False)
+
+    monkeypatch.setattr(data, "_download", fake_download)
+    dm = MNISTFamily("fashion-mnist", data_dir=tmp_path / "cache")
+    dm.prepare_data()
+    assert downloads == ["fashion-mnist"]
+    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == tmp_path / "cache" / "FashionMNIST" / "raw"
