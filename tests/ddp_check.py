@@ -85,6 +85,11 @@ def main():
     # shuffle=False: Lightning replaces the sampler by a DistributedSampler, so each rank gets
     # its own half of the data (gradients are all-reduced, weights must stay identical).
     trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=8))
+    # Tear the process group down before the interpreter exits: left to the atexit order, gloo's
+    # threads are sometimes still joinable at exit and the process aborts (seen under load).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
