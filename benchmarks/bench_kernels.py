@@ -29,18 +29,22 @@ FORMATS = [
 ]
 
 
-def median_seconds(fn, device: str, repeats: int) -> float:
-    fn()  # warm up
-    times = []
+def median_seconds(fns: dict, device: str, repeats: int) -> dict:
+    """Median time of each function, measured in interleaved rounds (one call of each per
+    round), so that drifts in a shared machine's speed hit every entry alike."""
+    for fn in fns.values():
+        fn()  # warm up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -57,27 +61,24 @@ def main() -> None:
     x = torch.randn(4096, numel // 4096, device=args.device)
     out = torch.empty_like(x)
 
-    rows = []
-
-    def measure(name: str, rounding: str, fn) -> None:
-        seconds = median_seconds(fn, args.device, args.repeats)
-        rows.append((name, rounding, seconds))
-
-    measure("x.clone()", "", lambda: x.clone())
-    measure("out.copy_(x)", "", lambda: out.copy_(x))
-    measure("x.to(bfloat16)", "torch", lambda: x.to(torch.bfloat16))
-    measure("x.to(bfloat16).float()", "torch", lambda: x.to(torch.bfloat16).float())
-    measure("x.to(float16).float()", "torch", lambda: x.to(torch.float16).float())
-    measure("x.to(float8_e4m3fn).float()", "torch", lambda: x.to(torch.float8_e4m3fn).float())
+    ops = {}  # (op, rounding) -> function
+    ops["x.clone()", ""] = lambda: x.clone()
+    ops["out.copy_(x)", ""] = lambda: out.copy_(x)
+    ops["x.to(bfloat16)", "torch"] = lambda: x.to(torch.bfloat16)
+    ops["x.to(bfloat16).float()", "torch"] = lambda: x.to(torch.bfloat16).float()
+    ops["x.to(float16).float()", "torch"] = lambda: x.to(torch.float16).float()
+    ops["x.to(float8_e4m3fn).float()", "torch"] = lambda: x.to(torch.float8_e4m3fn).float()
     for spec in args.formats:
         fmt = lp.parse_format(spec)
         for rounding in ("nearest", "stochastic"):
-            measure(f"quantize {spec}", rounding, lambda: lp.quantize(x, fmt, rounding))
-        measure(f"quantize_ {spec}", "nearest", lambda: lp.quantize_(out, fmt, "nearest"))
+            ops[f"quantize {spec}", rounding] = lambda fmt=fmt, rounding=rounding: lp.quantize(x, fmt, rounding)
+        ops[f"quantize_ {spec}", "nearest"] = lambda fmt=fmt: lp.quantize_(out, fmt, "nearest")
+    seconds = median_seconds(ops, args.device, args.repeats)
+    rows = [(op, rounding, t) for (op, rounding), t in seconds.items()]
 
     clone = rows[0][2]
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, float32 x of 2^{args.log2_numel} elements, median of {args.repeats}\n")
+    print(f"\n{name}, float32 x of 2^{args.log2_numel} elements, median of {args.repeats} interleaved rounds\n")
     print("| op | rounding | ms | Melem/s | vs clone |")
     print("|---|---|---:|---:|---:|")
     for op, rounding, seconds in rows:

@@ -61,14 +61,38 @@ void for_each_span(const BlockLayout& layout, F&& f) {
   });
 }
 
+// One element. Fast: the shortcuts for nearest-even and stochastic rounding (rounding.h);
+// callers check that they apply. `step`: the constant step of fixed and block formats, the
+// step below the normals of floats.
+template <Kind K, Rounding R, bool Fast>
+LOWP_HD float quantize_element(const FormatParams& p, float x, int block_e_q, const Step& step, const Range& range,
+                               uint32_t rbits) {
+  if (Fast) {
+    const uint32_t u = bits_of(x);
+    const uint32_t a = u & ~kSignBit;
+    uint32_t mag;
+    if (K == Kind::Float) {
+      mag = float_round<R>(p, a, step, rbits);
+    } else if (R == Rounding::Stochastic) {
+      mag = bits_of(round_stochastic_step(float_of(a), step, rbits));
+    } else {
+      mag = bits_of(round_nearest_step(float_of(a), step));
+    }
+    return apply_range_rounding_up(u, mag, range);
+  }
+  return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), range.max_pos, range.max_neg, p.overflow_inf,
+                           rbits);
+}
+
 // Elements [begin, end) with one block's step and range; the loop body is branch-free
 // (rounding.h) and its counter 32-bit, so the compiler vectorises it. The caller splits
 // spans at multiples of 2^32, where the high word of the stochastic-rounding counter changes.
-template <Kind K, Rounding R, typename scalar_t>
+template <Kind K, Rounding R, bool Fast, typename scalar_t>
 void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
                    int64_t numel, const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
   const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
-  const bool overflow_inf = p.overflow_inf;
+  const Step step = make_step(K == Kind::Float ? float_small_step_exponent(p) : Fast ? block_e_q : 0);
+  const Range range = make_range(max_pos, max_neg, p.overflow_inf);
   for (int64_t t = begin; t < end; t += kTile) {
     const int64_t stop = std::min(end, t + kTile);
     prefetch_ahead(in, t, stop, numel);
@@ -77,23 +101,27 @@ void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, 
     const uint32_t counter_low = static_cast<uint32_t>(t);
     const uint32_t n = static_cast<uint32_t>(stop - t);
     for (uint32_t j = 0; j < n; ++j) {
-      const float x = static_cast<float>(tile_in[j]);
       const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
       tile_out[j] = static_cast<scalar_t>(
-          quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, overflow_inf, r));
+          quantize_element<K, R, Fast>(p, static_cast<float>(tile_in[j]), block_e_q, step, range, r));
     }
   }
 }
 
+// quantize_span over [begin, end), split where the counter's high word changes, with the
+// shortcuts where they apply.
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t numel,
                     const FormatParams& p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
+  const bool fast = (R == Rounding::Nearest || R == Rounding::Stochastic) &&
+                    (K == Kind::Float || step_is_fast(block_e_q));
+  const auto span = fast ? quantize_span<K, R, true, scalar_t> : quantize_span<K, R, false, scalar_t>;
   const int64_t wrap = (begin | 0xFFFFFFFFLL) + 1;  // next multiple of 2^32
   if (end > wrap) {
-    quantize_span<K, R>(in, out, begin, wrap, numel, p, block_e_q, max_pos, max_neg, key);
+    span(in, out, begin, wrap, numel, p, block_e_q, max_pos, max_neg, key);
     begin = wrap;
   }
-  quantize_span<K, R>(in, out, begin, end, numel, p, block_e_q, max_pos, max_neg, key);
+  span(in, out, begin, end, numel, p, block_e_q, max_pos, max_neg, key);
 }
 
 // Largest finite magnitude in [begin, end), as float32 bits (a vectorised max-reduction).
@@ -144,7 +172,7 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
         constexpr Rounding R = decltype(rounding)::value;
         if (K != Kind::Block) {
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
-            quantize_range<K, R>(src, dst, begin, end, numel, p, 0, p.max_pos, p.max_neg, key);
+            quantize_range<K, R>(src, dst, begin, end, numel, p, p.e_q, p.max_pos, p.max_neg, key);
           });
         } else if (layout.blocks_per_outer && layout.block_len * layout.inner <= kGrain) {
           // Every span is one whole, small block (block_size runs): one pass, the block

@@ -275,6 +275,31 @@ def test_no_subnormals_with_exp8_on_float32_subnormals(fmt, rounding):
     check(x, fmt, rounding)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fl", [-102, -103, -104, -105, -120, 147, 149])
+def test_fixed_point_steps_at_the_edges_of_the_float_shortcuts(fl, rounding):
+    """Nearest and stochastic rounding take float-arithmetic shortcuts for steps 2^-149 ..
+    2^103 and the general integer path beyond; both sides of the edge against the reference."""
+    wl = min(25, 128 + fl)  # the widest the range allows
+    fmt = FixedPoint(wl, fl, clamp=False)
+    q = 2.0**-fl
+    ks = np.array([0, 1, 2, 3, 2 ** (wl - 3) - 1, 2 ** (wl - 2) - 1, 2 ** (wl - 2), 2 ** (wl - 1) - 1])
+    values = ties_around(ks * q, q)
+    check(with_neighbours(f32(values[np.abs(values) < F32_MAX])), fmt, rounding)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("top", [101.0, 102.0, 103.0, 104.0, 126.0, 127.0])
+def test_blocks_at_the_edges_of_the_float_shortcuts(top, rounding):
+    """Blocks whose step crosses 2^103 (where the shortcuts stop) and near float32's top."""
+    rng = np.random.default_rng(int(top))
+    rows = 2.0**top * np.concatenate([[1.0, 1.5, 2.0 - 2.0**-23], rng.uniform(-2, 2, 29)])
+    x = f32(np.stack([rows, rows * 2.0**-24, rows * 2.0**-30]))
+    x = x[torch.isfinite(x).all(dim=1)]
+    for wl in (2, 8, 24, 25):
+        check(x, BlockFloatingPoint(wl, dim=0), rounding)
+
+
 # ---- dtypes and layouts ---------------------------------------------------------------------
 
 EVERY_KIND = [
