@@ -6,8 +6,9 @@
 Each configuration runs in its own process (so peak RSS is its own), on the same in-memory
 batches (Fashion-MNIST-shaped random images), with Lightning's Trainer; a quantized run uses
 the recipe's LowPrecision plugin, QuantizeActivations and QuantizationMetrics (sampling every
-50 steps), as a user would. Prints a Markdown table: steps/s, the ratio of step time to
-float's, and peak RSS against float's.
+50 steps), as a user would. The configurations take turns for --rounds rounds (so a drift in
+a shared machine's speed hits all alike) and each reports its median. Prints a Markdown
+table: steps/s, the ratio of step time to float's, and peak RSS against float's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -62,20 +64,31 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["bfp8", "fixed8_roles", "fp8_e4m3"])
     parser.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration, taking turns")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup)))
         return
 
+    configs = ["float"] + args.recipes
+    runs = {c: [] for c in configs}
+    for round_ in range(args.rounds):
+        for recipe in configs:
+            cmd = [sys.executable, __file__, "--worker", recipe, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[recipe].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {round_ + 1}/{args.rounds} {recipe}: {runs[recipe][-1]['steps_per_second']:.1f} steps/s",
+                  file=sys.stderr, flush=True)
     rows = []
-    for recipe in ["float"] + args.recipes:
-        cmd = [sys.executable, __file__, "--worker", recipe, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{recipe}: {rows[-1]['steps_per_second']:.1f} steps/s", file=sys.stderr, flush=True)
+    for recipe in configs:
+        row = dict(runs[recipe][0])
+        row["steps_per_second"] = statistics.median(r["steps_per_second"] for r in runs[recipe])
+        row["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in runs[recipe])
+        rows.append(row)
     base = rows[0]
-    print(f"\nLeNet, batch 64, {args.steps} timed steps, CPU with {base['threads']} threads\n")
+    print(f"\nLeNet, batch 64, {args.steps} timed steps, CPU with {base['threads']} threads, "
+          f"median of {args.rounds} rounds\n")
     print("| configuration | steps/s | step time vs float | peak RSS (MiB) | RSS vs float |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

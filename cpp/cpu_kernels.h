@@ -39,7 +39,10 @@ void for_each_span(const BlockLayout& layout, F&& f) {
   const int64_t item_len = layout.block_len * layout.inner;
   const int64_t pieces = std::max<int64_t>(1, (item_len + kGrain - 1) / kGrain);
   const int64_t items = layout.outer * per_dim;
-  at::parallel_for(0, items * pieces, 1, [&](int64_t lo, int64_t hi) {
+  // Tasks of at least kGrain elements; a smaller tensor runs on the calling thread, without
+  // the cost of starting a parallel region.
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::min(item_len, kGrain));
+  at::parallel_for(0, items * pieces, grain, [&](int64_t lo, int64_t hi) {
     // piece p = (o * per_dim + c) * pieces + piece; counted up, not divided (blocks can be short)
     int64_t piece = lo % pieces, c = (lo / pieces) % per_dim, o = (lo / pieces) / per_dim;
     for (int64_t p = lo; p < hi; ++p) {

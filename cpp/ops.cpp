@@ -160,11 +160,35 @@ void quantize_(at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t roun
   quantize_into(x, x, kind, params, rounding, generator);
 }
 
+// out[i] = quantize(x[i]) for every i, in one call: what a training step needs for all its
+// parameters (or gradients, or optimizer states) at once, without a trip through Python and
+// the dispatcher per tensor. The same bits as quantize_ on each in turn (stochastic rounding
+// draws one key per tensor, in list order). out[i] is x[i] (in place) or does not overlap it.
+void quantize_foreach_(at::TensorList out, at::TensorList x, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                       const std::optional<at::Generator>& generator) {
+  TORCH_CHECK_VALUE(out.size() == x.size(), "lowp::quantize_foreach_: out and x must have the same length, got ",
+                    out.size(), " and ", x.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    TORCH_CHECK_VALUE(out[i].sizes() == x[i].sizes() && out[i].scalar_type() == x[i].scalar_type() &&
+                          out[i].device() == x[i].device(),
+                      "lowp::quantize_foreach_: out[", i, "] and x[", i, "] must match in shape, dtype and device, got ",
+                      out[i].sizes(), " ", out[i].scalar_type(), " ", out[i].device(), " and ", x[i].sizes(), " ",
+                      x[i].scalar_type(), " ", x[i].device());
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    at::Tensor o = out[i];
+    quantize_into(x[i], o, kind, params, rounding, generator);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowp, m) {
   m.def("quantize(Tensor x, int kind, int[] params, int rounding, Generator? generator=None) -> Tensor");
   m.def("quantize_(Tensor(a!) x, int kind, int[] params, int rounding, Generator? generator=None) -> ()");
+  m.def(
+      "quantize_foreach_(Tensor(a!)[] out, Tensor[] x, int kind, int[] params, int rounding, "
+      "Generator? generator=None) -> ()");
   // The key a stochastic quantize call would draw (for tests and reference implementations).
   m.def("draw_key(Generator? generator=None) -> int", &draw_key);
 }
@@ -172,12 +196,14 @@ TORCH_LIBRARY(lowp, m) {
 TORCH_LIBRARY_IMPL(lowp, CPU, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_", &quantize_);
+  m.impl("quantize_foreach_", &quantize_foreach_);
 }
 
 #ifdef LOWP_WITH_CUDA
 TORCH_LIBRARY_IMPL(lowp, CUDA, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_", &quantize_);
+  m.impl("quantize_foreach_", &quantize_foreach_);
 }
 #endif
 

@@ -15,7 +15,7 @@ from lightning_lowp.formats import (
     Format,
     parse_format,
 )
-from lightning_lowp.functional import quantize, quantize_
+from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
 from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.metrics import QuantizationMetrics
@@ -34,6 +34,7 @@ __all__ = [
     "parse_format",
     "quantize",
     "quantize_",
+    "quantize_foreach_",
     "quantizer",
     "Quantizer",
     "Recipe",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from lightning_lowp.formats import (
     check_rounding,
 )
 
-__all__ = ["quantize", "quantize_", "kernel_args"]
+__all__ = ["quantize", "quantize_", "quantize_foreach_", "kernel_args"]
 
 
 def kernel_args(fmt: Format) -> tuple[int, list[int]]:
@@ -33,11 +33,15 @@ def kernel_args(fmt: Format) -> tuple[int, list[int]]:
     raise TypeError(f"fmt must be FixedPoint, FloatingPoint or BlockFloatingPoint, got {type(fmt).__name__}")
 
 
-def _check(x, fmt, rounding, generator):
+def _check_tensor(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+
+
+def _check(x, fmt, rounding, generator):
+    _check_tensor(x)
     fmt = as_format(fmt)
     check_rounding(rounding)
     if isinstance(fmt, BlockFloatingPoint) and not (fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)):
@@ -82,3 +86,40 @@ def quantize_(
     kind, params, mode = _check(x, fmt, rounding, generator)
     ops.quantize_(x, kind, params, mode, generator)
     return x
+
+
+def quantize_foreach_(
+    tensors: Sequence[torch.Tensor],
+    fmt: Union[Format, str],
+    rounding: str = "nearest",
+    generator: Optional[torch.Generator] = None,
+    sources: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """:func:`quantize_` on every tensor of a list, in one call (the multi-tensor form, like
+    torch's ``_foreach`` ops): ``tensors[i] = quantize(sources[i])``, or in place without
+    ``sources``. The same bits as calling :func:`quantize_` on each tensor in list order
+    (stochastic rounding draws one key per tensor); each ``sources[i]`` must match
+    ``tensors[i]`` in shape, dtype and device, and be it or not overlap it.
+
+        >>> params = [torch.randn(3, 4), torch.randn(4)]
+        >>> lp.quantize_foreach_(params, "bf16")
+    """
+    tensors = list(tensors)
+    sources = tensors if sources is None else list(sources)
+    if len(sources) != len(tensors):
+        raise ValueError(f"sources must have one tensor per tensor of tensors, got {len(sources)} and {len(tensors)}")
+    if not tensors:
+        return
+    for i, (t, s) in enumerate(zip(tensors, sources)):
+        _check_tensor(t, f"tensors[{i}]")
+        _check_tensor(s, f"sources[{i}]")
+        if s is not t and (s.shape != t.shape or s.dtype != t.dtype or s.device != t.device):
+            raise ValueError(
+                f"sources[{i}] must match tensors[{i}] in shape, dtype and device, got "
+                f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
+            )
+    kind, params, mode = _check(tensors[0], fmt, rounding, generator)
+    if isinstance(as_format(fmt), BlockFloatingPoint):
+        for i, t in enumerate(tensors):  # every tensor needs the blocking dim
+            _check(t, fmt, rounding, None)
+    ops.quantize_foreach_(tensors, sources, kind, params, mode, generator)

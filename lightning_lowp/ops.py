@@ -22,6 +22,11 @@ def _quantize_inplace_fake(x, kind, params, rounding, generator=None):
     return None
 
 
+@torch.library.register_fake("lowp::quantize_foreach_")
+def _quantize_foreach_fake(out, x, kind, params, rounding, generator=None):
+    return None
+
+
 def _straight_through(ctx, grad):
     return grad, None, None, None, None
 
@@ -32,3 +37,4 @@ torch.library.register_autograd("lowp::quantize", _straight_through)
 
 quantize = torch.ops.lowp.quantize.default
 quantize_ = torch.ops.lowp.quantize_.default
+quantize_foreach_ = torch.ops.lowp.quantize_foreach_.default

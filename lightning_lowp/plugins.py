@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch.optim import LBFGS, Optimizer
 
-from lightning_lowp.functional import quantize_
+from lightning_lowp.functional import quantize_foreach_
 from lightning_lowp.recipes import FormatLike, Recipe, get_recipe
 
 __all__ = ["LowPrecision"]
@@ -36,7 +36,9 @@ class LowPrecision(Precision):
        Adam's ``exp_avg`` and ``exp_avg_sq``, RMSprop's ``square_avg``, ...) is quantized to
        ``momentum``.
 
-    ``None`` leaves a role in float32. Formats are format objects or spec strings;
+    Each role is one multi-tensor call over all parameters (:func:`lp.quantize_foreach_`),
+    in place; after the first step (which allocates the accumulators) a step allocates no
+    tensors. ``None`` leaves a role in float32. Formats are format objects or spec strings;
     ``recipe="bfp8"`` (or ``LowPrecision.from_name("bfp8")``) takes them from a registered
     recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
     seed and broadcast from rank 0, so every rank rounds alike; its state and the accumulators
@@ -113,25 +115,47 @@ class LowPrecision(Precision):
         self._prepare(model)
         closure_result = self._wrap_closure(model, optimizer, closure)  # forward, backward, clipping
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._quantize_grads(params)
-        r = self.recipe
-        if r.acc is not None:
-            for p in params:
-                p.data.copy_(self._accumulator(p))
+        with torch.profiler.record_function("LowPrecision.before_step"):
+            self._before_step(params)
         result = optimizer.step(**kwargs)
-        for p in params:
-            if r.acc is not None:
-                acc = self._accumulators[p]
-                quantize_(acc.copy_(p.data), r.acc, r.acc_rounding, self.generator)
-                p.data.copy_(acc)
-            if r.weight is not None:
-                quantize_(p.data, r.weight, r.weight_rounding, self.generator)
-        if r.momentum is not None:
-            for p in params:
-                for key, value in optimizer.state.get(p, {}).items():
-                    if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
-                        quantize_(value, r.momentum, r.momentum_rounding, self.generator)
+        with torch.profiler.record_function("LowPrecision.after_step"):
+            self._after_step(optimizer, params)
         return closure_result if result is None else result
+
+    # Each role is one multi-tensor call over all parameters, in place: no per-tensor trips
+    # through Python, no temporaries (the accumulators are allocated once, at the first step).
+
+    @torch.no_grad()
+    def _before_step(self, params: List[torch.nn.Parameter]) -> None:
+        r = self.recipe
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and self.grad_scale != 1.0:
+            torch._foreach_mul_(grads, self.grad_scale)
+        if grads and r.grad is not None:
+            quantize_foreach_(grads, r.grad, r.grad_rounding, self.generator)
+        if r.acc is not None:
+            torch._foreach_copy_(params, [self._accumulator(p) for p in params])
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: Optimizer, params: List[torch.nn.Parameter]) -> None:
+        r, g = self.recipe, self.generator
+        if r.acc is not None:
+            accs = [self._accumulators[p] for p in params]
+            quantize_foreach_(accs, r.acc, r.acc_rounding, g, sources=params)
+            if r.weight is not None:
+                quantize_foreach_(params, r.weight, r.weight_rounding, g, sources=accs)
+            else:
+                torch._foreach_copy_(params, accs)
+        elif r.weight is not None:
+            quantize_foreach_(params, r.weight, r.weight_rounding, g)
+        if r.momentum is not None:
+            states = [
+                value
+                for p in params
+                for key, value in optimizer.state.get(p, {}).items()
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape
+            ]
+            quantize_foreach_(states, r.momentum, r.momentum_rounding, g)
 
     # ---- state ------------------------------------------------------------------------
 
@@ -182,13 +206,3 @@ class LowPrecision(Precision):
         if acc is None:  # as OptimLP: the accumulator starts as the (unquantized) initial weight
             acc = self._accumulators[p] = p.detach().clone()
         return acc
-
-    def _quantize_grads(self, params: List[torch.nn.Parameter]) -> None:
-        r = self.recipe
-        for p in params:
-            if p.grad is None:
-                continue
-            if self.grad_scale != 1.0:
-                p.grad.mul_(self.grad_scale)
-            if r.grad is not None:
-                quantize_(p.grad, r.grad, r.grad_rounding, self.generator)

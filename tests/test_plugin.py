@@ -242,3 +242,40 @@ def test_grad_scale_multiplies_before_quantizing():
     fit(module, data, plugins=[lp.LowPrecision(grad="fixed(12,10)", grad_scale=8.0)], callbacks=[Grab()])
     for got, p in zip(seen["grad"], ref.parameters()):
         assert torch.equal(got, lp.quantize(p.grad * 8.0, "fixed(12,10)"))
+
+
+def test_a_step_is_one_multi_tensor_call_per_role_and_allocates_nothing(monkeypatch):
+    """After the first step (which allocates the accumulators), the plugin's work around a step
+    is one quantize_foreach_ call per role over all parameters, and allocates no tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import lightning_lowp.plugins as plugins
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    plugin = lp.LowPrecision.from_name("bfp8")
+    params = list(net.parameters())
+
+    def step():
+        x, y = batches(n=1, shape=(16,))[0]
+        optimizer.zero_grad(set_to_none=False)
+        F.cross_entropy(net(x), y).backward()
+        plugin._before_step(params)
+        optimizer.step()
+        plugin._after_step(optimizer, params)
+
+    step()  # creates the accumulators and the momentum buffers
+    calls = []
+    real = plugins.quantize_foreach_
+    monkeypatch.setattr(plugins, "quantize_foreach_", lambda tensors, *a, **k: calls.append(len(tensors)) or real(tensors, *a, **k))
+    monkeypatch.setattr(lp.functional, "quantize_", lambda *a, **k: pytest.fail("per-tensor quantize_ call"))
+    step()
+    assert calls == [len(params)] * 4  # grads, accumulators, weights, momentum buffers
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        plugin._before_step(params)
+        plugin._after_step(optimizer, params)
+    allocated = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocated == []
+    for p in params:
+        assert on_grid(p.detach(), "bfp(8)") and on_grid(plugin._accumulators[p], "bf16")

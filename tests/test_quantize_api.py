@@ -181,3 +181,37 @@ def test_large_blocks_take_the_two_pass_path_and_match_the_reference():
     for rounding in ("nearest", "up"):
         got = lp.quantize(x, "bfp(6,block_size=40000)", rounding)
         assert torch.equal(got, reference_quantize(x, "bfp(6,block_size=40000)", rounding))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "up"])
+@pytest.mark.parametrize("fmt", ["fixed(8,4)", "fp8_e4m3", "bfp(6)", "bfp(5,dim=0,block_size=3)"])
+def test_quantize_foreach_matches_quantize_on_each_tensor_in_turn(fmt, rounding):
+    g = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(7, 9, generator=g) * 3, torch.randn(33, 4, generator=g), torch.randn(3, 1, generator=g)]
+    tensors.append(torch.randn(8, 6, generator=g).t())  # non-contiguous
+    expected = [t.clone() for t in tensors]
+    loop = torch.Generator().manual_seed(11)
+    for t in expected:
+        lp.quantize_(t, fmt, rounding, loop)
+    in_place = [t.clone() for t in tensors]
+    lp.quantize_foreach_(in_place, fmt, rounding, torch.Generator().manual_seed(11))
+    out = [torch.full_like(t, math.nan) for t in tensors]
+    lp.quantize_foreach_(out, fmt, rounding, torch.Generator().manual_seed(11), sources=tensors)
+    for e, a, o in zip(expected, in_place, out):
+        assert torch.equal(a, e) and torch.equal(o, e)
+    assert not torch.equal(in_place[0], tensors[0])  # something was rounded
+
+
+def test_quantize_foreach_errors_name_the_argument():
+    a, b = torch.randn(3), torch.randn(4)
+    lp.quantize_foreach_([], "bf16")  # nothing to do
+    with pytest.raises(ValueError, match="sources must have one tensor per tensor"):
+        lp.quantize_foreach_([a], "bf16", sources=[a, b])
+    with pytest.raises(ValueError, match=r"sources\[1\] must match tensors\[1\] in shape"):
+        lp.quantize_foreach_([a, b], "bf16", sources=[a, a])
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a floating-point tensor"):
+        lp.quantize_foreach_([a, torch.arange(3)], "bf16")
+    with pytest.raises(ValueError, match="dim=1 of bfp"):
+        lp.quantize_foreach_([torch.randn(2, 2), a], "bfp(8,dim=1)")
+    with pytest.raises(ValueError, match="rounding"):
+        lp.quantize_foreach_([a], "bf16", "sideways")
