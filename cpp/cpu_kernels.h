@@ -144,6 +144,46 @@ uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end, i
   return m;
 }
 
+// Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
+// each block's maximum, then its rounding, while it is in cache. Looping over the blocks here,
+// rather than calling quantize_range per block, keeps the format's constants in registers
+// from block to block (a 32-element block is otherwise mostly set-up).
+template <Rounding R, typename scalar_t>
+void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
+                           int64_t first, int64_t last, const FormatParams& p, uint64_t key) {
+  const int64_t numel = layout.numel();
+  int64_t o = first / layout.blocks_per_outer, c = first % layout.blocks_per_outer;
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t d0 = c * layout.block_len;
+    const int64_t d1 = std::min(layout.dim_size, d0 + layout.block_len);
+    const int64_t begin = (o * layout.dim_size + d0) * layout.inner;
+    const int64_t end = (o * layout.dim_size + d1) * layout.inner;
+    if (++c == layout.blocks_per_outer) {
+      c = 0;
+      ++o;
+    }
+    int e_q;
+    float max_mag;
+    block_step(span_max(in, begin, end, numel), p.wl, &e_q, &max_mag);
+    const bool fast = (R == Rounding::Nearest || R == Rounding::Stochastic) && step_is_fast(e_q);
+    if (!fast || (begin >> 32) != ((end - 1) >> 32)) {  // the general path; it also splits at 2^32
+      quantize_range<Kind::Block, R>(in, out, begin, end, numel, p, e_q, max_mag, max_mag, key);
+      continue;
+    }
+    const Step step = make_step(e_q);
+    const Range range = make_range(max_mag, max_mag, false);
+    const uint32_t counter_low = static_cast<uint32_t>(begin), counter_high = static_cast<uint32_t>(begin >> 32);
+    const uint32_t n = static_cast<uint32_t>(end - begin);
+    const scalar_t* block_in = in + begin;
+    scalar_t* block_out = out + begin;
+    for (uint32_t j = 0; j < n; ++j) {
+      const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+      block_out[j] = static_cast<scalar_t>(
+          quantize_element<Kind::Block, R, true>(p, static_cast<float>(block_in[j]), e_q, step, range, r));
+    }
+  }
+}
+
 // Largest finite magnitude (as float32 bits) of every block, without a temporary tensor.
 template <typename scalar_t>
 std::vector<uint32_t> block_maxima(const scalar_t* in, const BlockLayout& layout) {
@@ -180,11 +220,9 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
         } else if (layout.blocks_per_outer && layout.block_len * layout.inner <= kGrain) {
           // Every span is one whole, small block (block_size runs): one pass, the block
           // maximum taken while its elements are in cache.
-          for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
-            int e_q;
-            float max_mag;
-            block_step(span_max(src, begin, end, numel), p.wl, &e_q, &max_mag);
-            quantize_range<K, R>(src, dst, begin, end, numel, p, e_q, max_mag, max_mag, key);
+          const int64_t grain = std::max<int64_t>(1, kGrain / (layout.block_len * layout.inner));
+          at::parallel_for(0, layout.num_blocks(), grain, [&](int64_t first, int64_t last) {
+            quantize_short_blocks<R>(src, dst, layout, first, last, p, key);
           });
         } else {  // blocks spread over many spans: their maxima first, then the rounding
           const std::vector<uint32_t> maxima = block_maxima(src, layout);
