@@ -81,7 +81,8 @@ LOWP_HD float quantize_element(const FormatParams& p, float x, int block_e_q, co
     } else {
       mag = bits_of(round_nearest_step(float_of(a), step));
     }
-    return apply_range_rounding_up(u, mag, range);
+    // fixed point and blocks saturate; floats may overflow to Inf
+    return K == Kind::Float ? apply_range_rounding_up(u, mag, range) : apply_range_saturating(u, mag, range);
   }
   return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), range.max_pos, range.max_neg, p.overflow_inf,
                            rbits);

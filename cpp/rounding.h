@@ -250,28 +250,35 @@ LOWP_HD float add_rn(float a, float b) {
 #endif
 }
 
-// |x| (as a float) rounded to the nearest multiple of the step, ties to even. In a + magic
-// the last place is the step, so the addition rounds a to a multiple of it in one correctly
-// rounded operation (ties to even, as magic / step is even), and taking magic away is exact.
-// Inf and NaN come out as they went in.
+// |x| (as a float, below magic) rounded to the nearest multiple of the step, ties to even.
+// In a + magic the last place is the step, so the addition rounds a to a multiple of it in
+// one correctly rounded operation (ties to even, as magic / step is even), and taking magic
+// away is exact.
+LOWP_HD float round_nearest_below_magic(float a, const Step& s) { return add_rn(add_rn(a, s.magic), -s.magic); }
+
+// The same for any |x|: magnitudes from magic up are multiples of the step already; Inf and
+// NaN come out as they went in.
 LOWP_HD float round_nearest_step(float a, const Step& s) {
-  const float rounded = add_rn(add_rn(a, s.magic), -s.magic);
-  return a >= s.magic ? a : rounded;
+  return a >= s.magic ? a : round_nearest_below_magic(a, s);
 }
 
-// |x| rounded down to the step, then up by one step if rbits < floor(2^32 * frac), where
-// frac = (|x| - down) / step: the rule of round_to_step, with exact float arithmetic. (2^32
-// frac is below 2^32; it is made an unsigned integer in two halves, as CPUs convert only
-// to signed ones.)
-LOWP_HD float round_stochastic_step(float a, const Step& s, uint32_t rbits) {
-  const float nearest = add_rn(add_rn(a, s.magic), -s.magic);
+// |x| (below magic) rounded down to the step, then up by one step if
+// rbits < floor(2^32 * frac), where frac = (|x| - down) / step: the rule of round_to_step,
+// with exact float arithmetic. (2^32 frac is below 2^32; it is made an unsigned integer in
+// two halves, as CPUs convert only to signed ones.)
+LOWP_HD float round_stochastic_below_magic(float a, const Step& s, uint32_t rbits) {
+  const float nearest = round_nearest_below_magic(a, s);
   const float down = nearest > a ? add_rn(nearest, -s.size) : nearest;
   float scaled = (add_rn(a, -down) * s.scale_a) * s.scale_b;
-  scaled = scaled < 4294967296.0f ? scaled : 0.0f;  // NaN (from Inf/NaN inputs, set aside later)
+  scaled = scaled < 4294967296.0f ? scaled : 0.0f;  // (NaN or beyond: inputs set aside by the caller)
   const float high = scaled >= 2147483648.0f ? 2147483648.0f : 0.0f;
   const uint32_t threshold = static_cast<uint32_t>(static_cast<int32_t>(add_rn(scaled, -high))) +
                              (high != 0.0f ? kSignBit : 0u);
-  const float rounded = rbits < threshold ? add_rn(down, s.size) : down;
+  return rbits < threshold ? add_rn(down, s.size) : down;
+}
+
+LOWP_HD float round_stochastic_step(float a, const Step& s, uint32_t rbits) {
+  const float rounded = round_stochastic_below_magic(a, s, rbits);
   return a >= s.magic ? a : rounded;
 }
 
@@ -289,12 +296,12 @@ LOWP_HD uint32_t float_round(const FormatParams& p, uint32_t a, const Step& smal
   float below;
   if (R == Rounding::Stochastic) {
     increment = unit_minus_one - ((rbits >> 1) >> (31 - cut));  // two shifts: cut may be 0
-    below = round_stochastic_step(float_of(a), small, rbits);
+    below = round_stochastic_below_magic(float_of(a), small, rbits);  // used only below 2^emin < magic
   } else {
     // The last kept bit of the significand; with no mantissa bits, the implicit 1.
     const uint32_t last_kept = ((a >> cut) & (cut && cut < 23 ? 1u : 0u)) | (cut == 23 ? 1u : 0u);
     increment = (unit_minus_one >> 1) + last_kept;
-    below = round_nearest_step(float_of(a), small);
+    below = round_nearest_below_magic(float_of(a), small);  // used only below 2^emin < magic
   }
   const uint32_t normal = (a + increment) & ~unit_minus_one;
   return a < static_cast<uint32_t>(p.emin + 127) << 23 ? bits_of(below) : normal;
@@ -317,9 +324,19 @@ LOWP_HD float apply_range_rounding_up(uint32_t u, uint32_t mag, const Range& ran
   const uint32_t sign = u & kSignBit;
   const uint32_t a = u ^ sign;
   const float m = float_of(a >= kInfBits ? a : mag);  // Inf and NaN as they came
-  const float max_mag = sign ? range.max_neg : range.max_pos;
-  const float past = sign ? range.past_neg : range.past_pos;
+  const bool negative = static_cast<int32_t>(u) < 0;  // a sign test: a blend keyed on the sign bit
+  const float max_mag = negative ? range.max_neg : range.max_pos;
+  const float past = negative ? range.past_neg : range.past_pos;
   return float_of(sign | bits_of(m > max_mag ? past : m));
+}
+
+// The same for formats that saturate (fixed point, block floating point): a clamp of the
+// signed value, as min and max (which pass NaN through).
+LOWP_HD float apply_range_saturating(uint32_t u, uint32_t mag, const Range& range) {
+  const uint32_t a = u & ~kSignBit;
+  const float v = float_of((u & kSignBit) | (a >= kInfBits ? a : mag));  // Inf and NaN as they came
+  const float below_top = range.max_pos < v ? range.max_pos : v;
+  return -range.max_neg > below_top ? -range.max_neg : below_top;
 }
 
 // Exponent of a custom float's step below its smallest normal.
