@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["bfp8", "fixed8_roles", "fp8_e4m3"])
     parser.add_argument("--steps", type=int, default=50, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

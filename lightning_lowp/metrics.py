@@ -37,9 +37,18 @@ _STAGES = {"validate": "val", "test": "test"}
 
 
 def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
-    """The largest magnitude each element's block can hold (x's shape, float32)."""
-    a = x.detach().abs().to(torch.float64)
-    return block_range(a, fmt)[1].to(torch.float32)
+    """The largest magnitude each element's block can hold (float32, broadcastable to x)."""
+    a = x.detach().abs()
+    if fmt.block_size is None and x.dim() > 0:
+        # A block per tensor or per index along dim: the limits follow from the block maxima
+        # alone, so the float64 reference works on those (one value per block), not on x.
+        finite = torch.where(torch.isfinite(a), a, 0.0)
+        if fmt.dim == -1:
+            a, fmt = finite.amax().reshape(1), BlockFloatingPoint(fmt.wl)
+        else:
+            d = fmt.dim % x.dim()
+            a = finite.amax(dim=[i for i in range(x.dim()) if i != d], keepdim=True)
+    return block_range(a.to(torch.float64), fmt)[1].to(torch.float32)
 
 
 def _range(x: Tensor, fmt: Format) -> Tuple[Any, Any]:

@@ -351,3 +351,17 @@ def test_bad_arguments_raise():
         make_trainer(lp.QuantizeActivations(forward=FMT), wrong_shape).validate(Net(), loader(), verbose=False)
     with pytest.raises(ValueError, match="same shape"):
         quantization_error_stats(torch.zeros(3), torch.zeros(4), "bf16")
+
+
+@pytest.mark.parametrize("spec", ["bfp(8)", "bfp(6,dim=1)", "bfp(6,dim=-3)", "bfp(5,block_size=4)", "bfp(5,dim=0,block_size=3)"])
+def test_block_limits_from_block_maxima_match_the_reference_per_element(spec):
+    from lightning_lowp.metrics import _block_limit
+    from lightning_lowp.reference import block_range
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, generator=g) * torch.rand(6, 5, 7, generator=g) ** 4 * 2.0 ** torch.randint(-20, 20, (6, 5, 7), generator=g)
+    x[0, 0, 0], x[1, 2, 3] = float("inf"), float("nan")
+    x[:, 4] = 0.0  # all-zero blocks along dim 1
+    fmt = lp.parse_format(spec)
+    expected = block_range(x.abs().double(), fmt)[1].float()
+    assert torch.equal(torch.broadcast_to(_block_limit(x, fmt), x.shape), expected)
