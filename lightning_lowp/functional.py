@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -40,10 +41,24 @@ def _check_tensor(x, name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
 
 
-def _check(x, fmt, rounding, generator):
-    _check_tensor(x)
+@functools.lru_cache(maxsize=256)
+def _kernel_call(fmt, rounding: str):
+    """(format, kind, params, mode) for a format or spec and a rounding mode, validated once:
+    quantization sits in the inner loop of training, where parsing each call would show."""
     fmt = as_format(fmt)
     check_rounding(rounding)
+    kind, params = kernel_args(fmt)
+    return fmt, kind, params, ROUNDING_MODES.index(rounding)
+
+
+def _check(x, fmt, rounding, generator):
+    _check_tensor(x)
+    try:
+        fmt, kind, params, mode = _kernel_call(fmt, rounding)
+    except TypeError:  # unhashable: let as_format / check_rounding say what is wrong
+        as_format(fmt)
+        check_rounding(rounding)
+        raise
     if isinstance(fmt, BlockFloatingPoint) and not (fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)):
         raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {x.dim()} dims")
     if generator is not None:
@@ -54,8 +69,7 @@ def _check(x, fmt, rounding, generator):
                 f"generator must be a CPU torch.Generator (stochastic rounding draws its key on the host so a seed "
                 f"gives the same bits on every device), got one on {generator.device}"
             )
-    kind, params = kernel_args(fmt)
-    return kind, params, ROUNDING_MODES.index(rounding)
+    return kind, params, mode
 
 
 def quantize(
@@ -73,7 +87,11 @@ def quantize(
     Not differentiable: use :func:`lightning_lowp.quantizer` inside a model.
     """
     kind, params, mode = _check(x, fmt, rounding, generator)
-    return ops.quantize(x, kind, params, mode, generator)
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return ops.quantize(x, kind, params, mode, generator)  # with its straight-through gradient
+    # No gradient to track: skip the operator's autograd layer (Python, ~10 us a call).
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.quantize(x, kind, params, mode, generator)
 
 
 def quantize_(
