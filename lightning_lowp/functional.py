@@ -137,7 +137,7 @@ def quantize_foreach_(
                 f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
             )
     kind, params, mode = _check(tensors[0], fmt, rounding, generator)
-    if isinstance(as_format(fmt), BlockFloatingPoint):
-        for i, t in enumerate(tensors):  # every tensor needs the blocking dim
+    if kind == 2:  # block floating point: every tensor needs the blocking dim
+        for t in tensors[1:]:
             _check(t, fmt, rounding, None)
     ops.quantize_foreach_(tensors, sources, kind, params, mode, generator)
