@@ -2,6 +2,7 @@
 
 Install after torch with:  pip install --no-build-isolation -e .
 """
+
 import glob
 import os
 
@@ -12,7 +13,7 @@ from setuptools import setup
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 with_cuda = os.environ.get("LOWP_NO_CUDA", "0") != "1" and CUDA_HOME is not None
 sources = sorted(glob.glob("cpp/*.cpp")) + (sorted(glob.glob("cpp/*.cu")) if with_cuda else [])

@@ -53,15 +53,23 @@ def train(recipes: list[str], steps: int, warmup: int, rounds: int) -> dict:
     times = {recipe: [] for recipe in recipes}
     for round_ in range(rounds):
         # each round starts with the next configuration, so none always runs first or last
-        for recipe in recipes[round_ % len(recipes):] + recipes[: round_ % len(recipes)]:
+        for recipe in recipes[round_ % len(recipes) :] + recipes[: round_ % len(recipes)]:
             clock = Clock()
             plugins, callbacks = [], [clock]
             if recipe != "float":
                 plugins.append(lp.LowPrecision.from_name(recipe))
                 callbacks += [lp.QuantizeActivations.from_name(recipe), lp.QuantizationMetrics(every_n_steps=50)]
-            trainer = pl.Trainer(max_steps=steps + warmup, accelerator="cpu", plugins=plugins, callbacks=callbacks,
-                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                 enable_model_summary=False, num_sanity_val_steps=0)
+            trainer = pl.Trainer(
+                max_steps=steps + warmup,
+                accelerator="cpu",
+                plugins=plugins,
+                callbacks=callbacks,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+            )
             trainer.fit(models[recipe], loader)
             times[recipe].append(clock.seconds / steps)
     return {"times": times, "threads": torch.get_num_threads()}
@@ -82,13 +90,25 @@ def main() -> None:
         return
 
     def run(recipes, steps, warmup, rounds):
-        cmd = [sys.executable, __file__, "--worker", *recipes, "--steps", str(steps), "--warmup", str(warmup),
-               "--rounds", str(rounds)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            *recipes,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--rounds",
+            str(rounds),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    configs = ["float"] + args.recipes
-    print(f"timing {', '.join(configs)}: {args.rounds} rounds of {args.steps} steps each...", file=sys.stderr, flush=True)
+    configs = ["float", *args.recipes]
+    print(
+        f"timing {', '.join(configs)}: {args.rounds} rounds of {args.steps} steps each...", file=sys.stderr, flush=True
+    )
     speed = run(configs, args.steps, args.warmup, args.rounds)
     rss = {}
     for recipe in configs:  # peak RSS: each configuration alone in a process
@@ -96,15 +116,19 @@ def main() -> None:
         print(f"peak RSS {recipe}: {rss[recipe]:.0f} MiB", file=sys.stderr, flush=True)
 
     float_times = speed["times"]["float"]
-    print(f"\nLeNet, batch 64, CPU with {speed['threads']} threads; {args.rounds} rounds of {args.steps} timed steps "
-          f"per configuration; medians over rounds\n")
+    print(
+        f"\nLeNet, batch 64, CPU with {speed['threads']} threads; {args.rounds} rounds of {args.steps} timed steps "
+        f"per configuration; medians over rounds\n"
+    )
     print("| configuration | steps/s | step time vs float | peak RSS (MiB) | RSS vs float |")
     print("|---|---:|---:|---:|---:|")
     for recipe in configs:
         times = speed["times"][recipe]
-        ratio = statistics.median(t / f for t, f in zip(times, float_times))
-        print(f"| {recipe} | {1 / statistics.median(times):.1f} | {ratio:.2f}x | {rss[recipe]:.0f} "
-              f"| {rss[recipe] / rss['float']:.2f}x |")
+        ratio = statistics.median(t / f for t, f in zip(times, float_times, strict=False))
+        print(
+            f"| {recipe} | {1 / statistics.median(times):.1f} | {ratio:.2f}x | {rss[recipe]:.0f} "
+            f"| {rss[recipe] / rss['float']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,17 @@ def main() -> None:
     if args.recipe != "float":
         plugins.append(lp.LowPrecision.from_name(args.recipe))
         callbacks += [lp.QuantizeActivations.from_name(args.recipe), lp.QuantizationMetrics(every_n_steps=50)]
-    trainer = pl.Trainer(max_steps=args.steps + args.warmup, accelerator="cpu", plugins=plugins, callbacks=callbacks,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_steps=args.steps + args.warmup,
+        accelerator="cpu",
+        plugins=plugins,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(lp.LeNet(), DataLoader(data, batch_size=64))
 
     events = prof.key_averages()

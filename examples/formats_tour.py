@@ -41,7 +41,7 @@ def main() -> None:
     for spec in SPECS:
         fmt = lp.parse_format(spec)
         values = ", ".join(f"{v:.4g}" for v in lp.quantize(sample, fmt).tolist())
-        print(f"{str(fmt):30} [{values}]".ljust(94) + f"{sqnr_db(signal, lp.quantize(signal, fmt)):6.1f} dB")
+        print(f"{fmt!s:30} [{values}]".ljust(94) + f"{sqnr_db(signal, lp.quantize(signal, fmt)):6.1f} dB")
 
     # Stochastic rounding is unbiased: the mean of many roundings of 0.3 to a grid of 1.
     x = torch.full((100_000,), 0.3)

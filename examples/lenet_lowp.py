@@ -18,7 +18,6 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -30,11 +29,16 @@ SECTIONS = ("float", "recipes", "sweep")
 RECIPES = ("fixed8", "bfp8", "fixed8_roles")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=1, help="epochs per run (the seed used 10); default 1")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   help="float: the baseline; recipes: fixed8, bfp8, fixed8_roles; sweep: bfp wl 1..8")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="float: the baseline; recipes: fixed8, bfp8, fixed8_roles; sweep: bfp wl 1..8",
+    )
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="recipes of the 'recipes' section")
     p.add_argument("--wl", nargs="+", type=int, default=list(range(1, 9)), help="word lengths of the sweep")
     p.add_argument("--dataset", choices=["auto", "mnist", "fashion-mnist"], default="auto")
@@ -42,11 +46,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/lenet", help="where results and the plot go")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-limit", type=int, default=10_000,
-                   help="train on the first N images (0: all 60,000); default 10,000 for a quick run")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=10_000,
+        help="train on the first N images (0: all 60,000); default 10,000 for a quick run",
+    )
     p.add_argument("--test-limit", type=int, default=0, help="test on the first N images (0: all 10,000)")
-    p.add_argument("--limit-batches", type=int, default=None,
-                   help="at most N train and N test batches per run (smoke tests)")
+    p.add_argument(
+        "--limit-batches", type=int, default=None, help="at most N train and N test batches per run (smoke tests)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
     args = p.parse_args(argv)
@@ -63,7 +72,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run(name: str, recipe: Optional[str], datamodule, args, output_dir: Path) -> Dict[str, object]:
+def run(name: str, recipe: str | None, datamodule, args, output_dir: Path) -> dict[str, object]:
     """Trains a fresh LeNet with `recipe` (None: float) and tests it; returns one result row."""
     pl.seed_everything(args.seed, verbose=False)
     plugins, callbacks = [], []
@@ -72,8 +81,11 @@ def run(name: str, recipe: Optional[str], datamodule, args, output_dir: Path) ->
         callbacks += [lp.QuantizeActivations.from_name(recipe), lp.QuantizationMetrics(every_n_steps=50)]
     limits = {}
     if args.limit_batches:
-        limits = dict(limit_train_batches=args.limit_batches, limit_val_batches=args.limit_batches,
-                      limit_test_batches=args.limit_batches)
+        limits = {
+            "limit_train_batches": args.limit_batches,
+            "limit_val_batches": args.limit_batches,
+            "limit_test_batches": args.limit_batches,
+        }
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
@@ -110,12 +122,15 @@ def sweep_recipe(wl: int) -> str:
     """The seed's section 3: block floating point of word length wl everywhere, bf16 state."""
     name = f"bfp{wl}_sweep"
     low = lp.BlockFloatingPoint(wl)
-    lp.register_recipe(name, lp.Recipe(weight=low, grad=low, momentum="bf16", acc="bf16", activation=low,
-                                       error=low), overwrite=True)
+    lp.register_recipe(
+        name,
+        lp.Recipe(weight=low, grad=low, optimizer_state="bf16", master_weight="bf16", activation=low, error=low),
+        overwrite=True,
+    )
     return name
 
 
-def plot(rows: List[Dict[str, object]], baseline: Optional[float], path: Path, dataset: str) -> None:
+def plot(rows: list[dict[str, object]], baseline: float | None, path: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,21 +153,29 @@ def plot(rows: List[Dict[str, object]], baseline: Optional[float], path: Path, d
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     started = time.time()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("highest")
 
-    dm = lp.MNISTFamily(args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                        train_limit=args.train_limit or None, val_limit=args.test_limit or None)
+    dm = lp.MNISTFamily(
+        args.dataset,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        train_limit=args.train_limit or None,
+        val_limit=args.test_limit or None,
+    )
     dm.prepare_data()
     dm.setup("fit")
-    print(f"dataset: {dm.dataset_name} ({dm.source_dir}); epochs {args.epochs}; "
-          f"train images {args.train_limit or 'all'}; sections {', '.join(args.sections)}", flush=True)
+    print(
+        f"dataset: {dm.dataset_name} ({dm.source_dir}); epochs {args.epochs}; "
+        f"train images {args.train_limit or 'all'}; sections {', '.join(args.sections)}",
+        flush=True,
+    )
 
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     if "float" in args.sections:
         rows.append(run("float", None, dm, args, output_dir))
     if "recipes" in args.sections:
@@ -176,8 +199,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "runs": rows,
     }
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    columns = ["run", "recipe", "wl", "test_acc", "test_acc_float_activations", "test_loss", "steps",
-               "train_seconds"]
+    columns = ["run", "recipe", "wl", "test_acc", "test_acc_float_activations", "test_loss", "steps", "train_seconds"]
     with open(output_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -189,11 +211,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     print("| run | recipe | test acc (%) | with float activations (%) | train time (s) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['recipe']} | {r['test_acc']:.2f} | {r.get('test_acc_float_activations', '')} "
-              f"| {r['train_seconds']} |")
+        print(
+            f"| {r['run']} | {r['recipe']} | {r['test_acc']:.2f} | {r.get('test_acc_float_activations', '')} "
+            f"| {r['train_seconds']} |"
+        )
     print(f"\nTotal execution time (s): {total:.1f}")
-    print(f"results: {output_dir / 'results.json'}, {output_dir / 'results.csv'}"
-          + (f", plot: {output_dir / 'sweep.png'}" if sweep else ""))
+    print(
+        f"results: {output_dir / 'results.json'}, {output_dir / 'results.csv'}"
+        + (f", plot: {output_dir / 'sweep.png'}" if sweep else "")
+    )
     return summary
 
 

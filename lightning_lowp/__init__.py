@@ -6,6 +6,8 @@ See README.md.
 """
 
 from lightning_lowp.autograd import Quantizer, quantizer
+from lightning_lowp.callbacks import QuantizeActivations
+from lightning_lowp.data import LeNet, MNISTFamily
 from lightning_lowp.formats import (
     PRESETS,
     ROUNDING_MODES,
@@ -16,11 +18,9 @@ from lightning_lowp.formats import (
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
-from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
-from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.metrics import QuantizationMetrics
 from lightning_lowp.plugins import LowPrecision
-from lightning_lowp.data import LeNet, MNISTFamily
+from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
 
 __version__ = "0.1.0"
 

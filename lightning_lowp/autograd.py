@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from lightning_lowp.functional import quantize
 
 __all__ = ["quantizer", "Quantizer"]
 
-FormatLike = Optional[Union[Format, str]]
+FormatLike = Optional[Format | str]
 
 
 class _Quantize(torch.autograd.Function):
@@ -41,10 +41,11 @@ def quantizer(
     backward: FormatLike = None,
     forward_rounding: str = "nearest",
     backward_rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ):
     """A function ``f(x)``: x quantized to ``forward`` in the forward pass, and the gradient
-    flowing back through it quantized to ``backward``. ``None`` leaves that direction as is."""
+    flowing back through it quantized to ``backward``. ``None`` leaves that direction as is.
+    """
     forward, backward = _formats(forward, backward, forward_rounding, backward_rounding)
 
     def quantize_forward_backward(x: torch.Tensor) -> torch.Tensor:

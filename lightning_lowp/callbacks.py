@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import lightning.pytorch as pl
 import torch
@@ -17,7 +17,7 @@ from lightning_lowp.recipes import FormatLike, get_recipe
 __all__ = ["QuantizeActivations", "DEFAULT_MODULES"]
 
 #: The layers the seed notebook quantizes after: convolutions, linear layers, pooling.
-DEFAULT_MODULES: Tuple[Type[nn.Module], ...] = (
+DEFAULT_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -66,12 +66,12 @@ class QuantizeActivations(pl.Callback):
         backward: FormatLike = None,
         forward_rounding: str = "nearest",
         backward_rounding: str = "nearest",
-        modules: Optional[Sequence[Type[nn.Module]]] = DEFAULT_MODULES,
-        names: Optional[Sequence[str]] = None,
-        predicate: Optional[Callable[[str, nn.Module], bool]] = None,
-        overrides: Optional[Mapping[str, Mapping[str, object]]] = None,
+        modules: Sequence[type[nn.Module]] | None = DEFAULT_MODULES,
+        names: Sequence[str] | None = None,
+        predicate: Callable[[str, nn.Module], bool] | None = None,
+        overrides: Mapping[str, Mapping[str, object]] | None = None,
         quantize_eval: bool = True,
-        recipe: Optional[str] = None,
+        recipe: str | None = None,
     ):
         super().__init__()
         if recipe is not None:
@@ -98,26 +98,26 @@ class QuantizeActivations(pl.Callback):
                 raise ValueError(
                     f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; accepted: {', '.join(_OVERRIDE_KEYS)}"
                 )
-            merged = {**dict(zip(_OVERRIDE_KEYS, self.settings)), **settings}
+            merged = {**dict(zip(_OVERRIDE_KEYS, self.settings, strict=False)), **settings}
             self.overrides[pattern] = self._settings(*(merged[k] for k in _OVERRIDE_KEYS))
         self.quantize_eval = quantize_eval
         self.enabled = True
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        self.hooked: Dict[str, Tuple] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.hooked: dict[str, tuple] = {}
 
     @classmethod
-    def from_name(cls, name: str, **kwargs) -> "QuantizeActivations":
+    def from_name(cls, name: str, **kwargs) -> QuantizeActivations:
         """The activation and error settings of a registered recipe (see ``lp.list_recipes()``)."""
         return cls(recipe=name, **kwargs)
 
     @staticmethod
-    def _settings(forward, backward, forward_rounding, backward_rounding) -> Tuple:
+    def _settings(forward, backward, forward_rounding, backward_rounding) -> tuple:
         forward, backward = _formats(forward, backward, forward_rounding, backward_rounding)
         return forward, backward, forward_rounding, backward_rounding
 
     # ---- selection ------------------------------------------------------------------
 
-    def select(self, model: nn.Module) -> Dict[str, Tuple]:
+    def select(self, model: nn.Module) -> dict[str, tuple]:
         """The modules this callback hooks in ``model``, by name, with their settings."""
         named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
         for pattern in (self.names or []) + list(self.overrides):
@@ -152,7 +152,9 @@ class QuantizeActivations(pl.Callback):
             self._handles.append(modules[name].register_forward_hook(self._hook(settings)))
         described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked) or "none"
         fwd, bwd = self.settings[0], self.settings[1]
-        rank_zero_info(f"QuantizeActivations: forward={fwd}, backward={bwd}; hooked {len(self.hooked)} modules: {described}")
+        rank_zero_info(
+            f"QuantizeActivations: forward={fwd}, backward={bwd}; hooked {len(self.hooked)} modules: {described}"
+        )
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -23,7 +23,6 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -40,7 +39,7 @@ DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 #: Per dataset: torchvision's folder name and the pixel mean and std (of [0, 1] pixels) used to
 #: normalize. MNIST's are the seed notebook's; Fashion-MNIST's are its training set's own.
-DATASETS: Dict[str, Dict[str, object]] = {
+DATASETS: dict[str, dict[str, object]] = {
     "mnist": {"folder": "MNIST", "mean": 0.1307, "std": 0.3081},
     "fashion-mnist": {"folder": "FashionMNIST", "mean": 0.2860, "std": 0.3530},
 }
@@ -58,7 +57,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 # ---- IDX files ------------------------------------------------------------------------
 
 
-def read_idx(path: Union[str, Path]) -> torch.Tensor:
+def read_idx(path: str | Path) -> torch.Tensor:
     """An IDX file (``.gz`` or raw, told apart by content) as a tensor of its shape and type.
 
     uint8 data (images, labels) comes back as ``torch.uint8``; other types in their native
@@ -87,7 +86,7 @@ def read_idx(path: Union[str, Path]) -> torch.Tensor:
     return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
 
 
-def _find_file(directory: Path, name: str) -> Optional[Path]:
+def _find_file(directory: Path, name: str) -> Path | None:
     for candidate in (directory / name, directory / f"{name}.gz"):
         if candidate.is_file():
             return candidate
@@ -101,7 +100,8 @@ def _complete(directory: Path) -> bool:
 
 def _looks_like(directory: Path) -> str:
     """Which of the two datasets the IDX files in ``directory`` hold, by their mean test pixel
-    (MNIST 0.13, Fashion-MNIST 0.29: the file names are the same)."""
+    (MNIST 0.13, Fashion-MNIST 0.29: the file names are the same).
+    """
     path = _find_file(directory, _SPLITS["test"][0])
     return _looks_like_file(str(path), path.stat().st_mtime_ns)
 
@@ -114,7 +114,8 @@ def _looks_like_file(path: str, mtime_ns: int) -> str:
 
 def _download(name: str, root: Path) -> None:
     """Download MNIST or Fashion-MNIST with torchvision into ``root/<Folder>/raw`` (raises when
-    offline)."""
+    offline).
+    """
     import torchvision  # only needed here; slow to import
 
     dataset = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
@@ -157,11 +158,11 @@ class MNISTFamily(pl.LightningDataModule):
     def __init__(
         self,
         dataset: str = "auto",
-        data_dir: Optional[Union[str, Path]] = None,
+        data_dir: str | Path | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
-        train_limit: Optional[int] = None,
-        val_limit: Optional[int] = None,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
         download: bool = True,
     ):
         super().__init__()
@@ -180,25 +181,26 @@ class MNISTFamily(pl.LightningDataModule):
         self.train_limit = train_limit
         self.val_limit = val_limit
         self.download = download
-        self.dataset_name: Optional[str] = None
-        self.source_dir: Optional[Path] = None
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
+        self.dataset_name: str | None = None
+        self.source_dir: Path | None = None
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
         self.num_classes = 10
         self.dims = (1, 28, 28)
 
     # ---- finding the files --------------------------------------------------------------
 
-    def _candidates(self, name: str, system: bool = True) -> List[Path]:
+    def _candidates(self, name: str, system: bool = True) -> list[Path]:
         """Directories that may hold ``name``'s files, in order of preference (``system``:
-        with the Debian package's directory)."""
+        with the Debian package's directory).
+        """
         root = self.data_dir if self.data_dir is not None else _default_root()
         dirs = [root, root / DATASETS[name]["folder"] / "raw"]
         if name == "fashion-mnist" and system:
             dirs.append(DEBIAN_FASHION_MNIST_DIR)
         return dirs
 
-    def _locate(self, name: str, system: bool = True) -> Optional[Path]:
+    def _locate(self, name: str, system: bool = True) -> Path | None:
         for directory in self._candidates(name, system):
             if not _complete(directory):
                 continue
@@ -210,9 +212,10 @@ class MNISTFamily(pl.LightningDataModule):
             return directory
         return None
 
-    def _resolve(self, download: bool) -> Tuple[str, Path]:
+    def _resolve(self, download: bool) -> tuple[str, Path]:
         """(dataset name, directory of its IDX files); raises FileNotFoundError saying how to
-        get a dataset if none can be had."""
+        get a dataset if none can be had.
+        """
         wanted = ["mnist", "fashion-mnist"] if self.dataset == "auto" else [self.dataset]
         errors = []
 
@@ -266,7 +269,7 @@ class MNISTFamily(pl.LightningDataModule):
 
     # ---- loading ------------------------------------------------------------------------
 
-    def _load(self, split: str, limit: Optional[int]) -> TensorDataset:
+    def _load(self, split: str, limit: int | None) -> TensorDataset:
         image_file, label_file = (_find_file(self.source_dir, n) for n in _SPLITS[split])
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
@@ -280,7 +283,7 @@ class MNISTFamily(pl.LightningDataModule):
         x = images.unsqueeze(1).float().div_(255).sub_(stats["mean"]).div_(stats["std"])
         return TensorDataset(x, labels.long())
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.source_dir is None:  # ranks other than 0, or setup() called directly
             try:
                 self.dataset_name, self.source_dir = self._resolve(download=False)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Optional, Union
 
 __all__ = [
     "Format",
@@ -52,9 +51,7 @@ OVERFLOWS = ("inf", "saturate")
 
 def check_rounding(rounding: str, argument: str = "rounding") -> str:
     if not isinstance(rounding, str) or rounding not in ROUNDING_MODES:
-        raise ValueError(
-            f"{argument}={rounding!r} is not a rounding mode; accepted: {', '.join(ROUNDING_MODES)}"
-        )
+        raise ValueError(f"{argument}={rounding!r} is not a rounding mode; accepted: {', '.join(ROUNDING_MODES)}")
     return rounding
 
 
@@ -137,7 +134,7 @@ class FloatingPoint(Format):
     man: int
     subnormals: bool = True
     specials: str = "ieee"
-    overflow: Optional[str] = None
+    overflow: str | None = None
 
     _spec_name = "float"
     _positional_names = ("exp", "man")
@@ -205,7 +202,7 @@ class BlockFloatingPoint(Format):
 
     wl: int
     dim: int = -1
-    block_size: Optional[int] = None
+    block_size: int | None = None
 
     _spec_name = "bfp"
     _positional_names = ("wl",)
@@ -278,7 +275,7 @@ def parse_format(spec: str) -> Format:
         raise ValueError(f"format spec {spec!r}: {err}; accepted: {_GRAMMAR_HINT}") from None
 
 
-def as_format(fmt: Union[str, Format], argument: str = "fmt") -> Format:
+def as_format(fmt: str | Format, argument: str = "fmt") -> Format:
     """A format from a format object or a spec string."""
     if isinstance(fmt, Format):
         return fmt

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -44,7 +44,8 @@ def _check_tensor(x, name: str = "x") -> None:
 @functools.lru_cache(maxsize=256)
 def _kernel_call(fmt, rounding: str):
     """(format, kind, params, mode) for a format or spec and a rounding mode, validated once:
-    quantization sits in the inner loop of training, where parsing each call would show."""
+    quantization sits in the inner loop of training, where parsing each call would show.
+    """
     fmt = as_format(fmt)
     check_rounding(rounding)
     kind, params = kernel_args(fmt)
@@ -74,9 +75,9 @@ def _check(x, fmt, rounding, generator):
 
 def quantize(
     x: torch.Tensor,
-    fmt: Union[Format, str],
+    fmt: Format | str,
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``x`` rounded to the values of ``fmt`` (a format or a spec string), as a new tensor.
 
@@ -96,9 +97,9 @@ def quantize(
 
 def quantize_(
     x: torch.Tensor,
-    fmt: Union[Format, str],
+    fmt: Format | str,
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """In-place :func:`quantize`; returns ``x``."""
     kind, params, mode = _check(x, fmt, rounding, generator)
@@ -108,10 +109,10 @@ def quantize_(
 
 def quantize_foreach_(
     tensors: Sequence[torch.Tensor],
-    fmt: Union[Format, str],
+    fmt: Format | str,
     rounding: str = "nearest",
-    generator: Optional[torch.Generator] = None,
-    sources: Optional[Sequence[torch.Tensor]] = None,
+    generator: torch.Generator | None = None,
+    sources: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """:func:`quantize_` on every tensor of a list, in one call (the multi-tensor form, like
     torch's ``_foreach`` ops): ``tensors[i] = quantize(sources[i])``, or in place without
@@ -128,7 +129,7 @@ def quantize_foreach_(
         raise ValueError(f"sources must have one tensor per tensor of tensors, got {len(sources)} and {len(tensors)}")
     if not tensors:
         return
-    for i, (t, s) in enumerate(zip(tensors, sources)):
+    for i, (t, s) in enumerate(zip(tensors, sources, strict=False)):
         _check_tensor(t, f"tensors[{i}]")
         _check_tensor(s, f"sources[{i}]")
         if s is not t and (s.shape != t.shape or s.dtype != t.dtype or s.device != t.device):

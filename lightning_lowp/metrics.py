@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -51,7 +52,7 @@ def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
     return block_range(a.to(torch.float64), fmt)[1].to(torch.float32)
 
 
-def _range(x: Tensor, fmt: Format) -> Tuple[Any, Any]:
+def _range(x: Tensor, fmt: Format) -> tuple[Any, Any]:
     """(lo, hi): the most negative and most positive value ``fmt`` can give for each element."""
     if isinstance(fmt, FixedPoint):
         if not fmt.clamp:
@@ -91,7 +92,7 @@ def _error_sums(x: Tensor, q: Tensor, fmt: Format) -> Tensor:
         )
 
 
-def _stats_from_sums(sums: Tensor) -> Dict[str, float]:
+def _stats_from_sums(sums: Tensor) -> dict[str, float]:
     saturated, flushed, count, signal, noise = (float(v) for v in sums.tolist())
     if noise == 0:
         sqnr = math.inf  # exact (this includes an all-zero signal)
@@ -102,7 +103,7 @@ def _stats_from_sums(sums: Tensor) -> Dict[str, float]:
     return {"saturated": saturated / count, "flushed": flushed / count, "sqnr_db": sqnr}
 
 
-def quantization_error_stats(x: Tensor, q: Tensor, fmt) -> Dict[str, float]:
+def quantization_error_stats(x: Tensor, q: Tensor, fmt) -> dict[str, float]:
     """How ``q`` (``x`` quantized to ``fmt``) differs from ``x``: a dict of python floats.
 
     * ``saturated``: the fraction of elements beyond the format's range whose quantized value
@@ -151,7 +152,7 @@ class _Ratio(Metric):
         return self.numerator.to(torch.get_default_dtype()) / self.denominator
 
 
-def _default_batch_fn(batch) -> Tuple[Any, Tensor]:
+def _default_batch_fn(batch) -> tuple[Any, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(
@@ -249,9 +250,9 @@ class QuantizationMetrics(pl.Callback):
 
     def __init__(
         self,
-        every_n_steps: Optional[int] = 50,
-        batch_fn: Optional[Callable[[Any], Tuple[Any, Tensor]]] = None,
-        forward_fn: Optional[Callable[[nn.Module, Any], Tensor]] = None,
+        every_n_steps: int | None = 50,
+        batch_fn: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     ):
         super().__init__()
         if every_n_steps is not None and (
@@ -265,19 +266,19 @@ class QuantizationMetrics(pl.Callback):
         self.batch_fn = batch_fn or _default_batch_fn
         self.forward_fn = forward_fn or _default_forward_fn
         #: ``{layer: {"saturated": ..., "flushed": ..., "sqnr_db": ...}}`` of the latest sampled step.
-        self.last_layer_stats: Dict[str, Dict[str, float]] = {}
+        self.last_layer_stats: dict[str, dict[str, float]] = {}
         #: The global step the latest per-layer statistics were sampled at (None before any).
-        self.last_sampled_step: Optional[int] = None
-        self._quantizer: Optional[QuantizeActivations] = None
+        self.last_sampled_step: int | None = None
+        self._quantizer: QuantizeActivations | None = None
         self._warned = False
-        self._metrics: Dict[Tuple[str, int], Dict[str, _Ratio]] = {}
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        self._sums: Dict[str, Tensor] = {}
-        self._sampling_step: Optional[int] = None
+        self._metrics: dict[tuple[str, int], dict[str, _Ratio]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sums: dict[str, Tensor] = {}
+        self._sampling_step: int | None = None
 
     # ---- setup ----------------------------------------------------------------------------------
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         found = [cb for cb in trainer.callbacks if isinstance(cb, QuantizeActivations)]
         if len(found) > 1:
             raise ValueError(
@@ -293,7 +294,7 @@ class QuantizationMetrics(pl.Callback):
 
     # ---- accuracy: validation and test ----------------------------------------------------------
 
-    def _stage_metrics(self, stage: str, dataloader_idx: int, device: torch.device) -> Dict[str, _Ratio]:
+    def _stage_metrics(self, stage: str, dataloader_idx: int, device: torch.device) -> dict[str, _Ratio]:
         key = (stage, dataloader_idx)
         if key not in self._metrics:
             self._metrics[key] = {n: _Ratio() for n in ("acc_quantized", "acc_float", "acc_gap")}
@@ -358,7 +359,7 @@ class QuantizationMetrics(pl.Callback):
 
     # ---- per-layer statistics: sampled training steps -------------------------------------------
 
-    def _layers(self) -> Dict[str, Format]:
+    def _layers(self) -> dict[str, Format]:
         """The hooked layers that quantize their output, with the forward format."""
         qa = self._quantizer
         if qa is None:
@@ -384,7 +385,7 @@ class QuantizationMetrics(pl.Callback):
 
     def _attach(self, name: str, module: nn.Module, fmt: Format) -> None:
         qa = self._quantizer
-        pending: List[Optional[Tensor]] = []
+        pending: list[Tensor | None] = []
 
         def before_quantizer(mod, args, output):
             quantizes = qa.enabled and (mod.training or qa.quantize_eval)

@@ -7,7 +7,7 @@ fake (meta) implementations below let ``torch.compile`` trace them without runni
 
 import torch
 
-from lightning_lowp import _C  # noqa: F401  (loads and registers the operators)
+from lightning_lowp import _C
 
 BUILT_WITH_CUDA = bool(_C.built_with_cuda)
 

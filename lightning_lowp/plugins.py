@@ -1,9 +1,10 @@
-"""The precision plugin: weights, gradients, optimizer state and accumulators in low precision."""
+"""The precision plugin: weights, gradients, optimizer state and master weights in low precision."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,32 +17,42 @@ from lightning_lowp.recipes import FormatLike, Recipe, get_recipe
 __all__ = ["LowPrecision"]
 
 # The recipe fields this plugin uses (activations and errors belong to QuantizeActivations).
-_ARGUMENTS = ("weight", "grad", "momentum", "acc", "weight_rounding", "grad_rounding", "momentum_rounding",
-              "acc_rounding")
+_ARGUMENTS = (
+    "weight",
+    "grad",
+    "optimizer_state",
+    "master_weight",
+    "weight_rounding",
+    "grad_rounding",
+    "optimizer_state_rounding",
+    "master_weight_rounding",
+)
 
 
 class LowPrecision(Precision):
-    """Simulates training with weights, gradients, optimizer state and weight accumulators
+    """Simulates training with weights, gradients, optimizer state and fp32 master
+    weights
     stored in low-precision formats (QPyTorch's ``OptimLP``, as a Lightning plugin).
 
     Around each optimizer step, in this order (the order of ``OptimLP``):
 
     1. the gradients, after Lightning's accumulation and clipping, are multiplied by
        ``grad_scale`` and quantized to ``grad``;
-    2. with ``acc``, each weight is replaced by its high-precision accumulator;
+    2. with ``master_weight``, each weight is replaced by its master copy;
     3. the optimizer steps (any torch optimizer that does not re-evaluate its closure);
-    4. with ``acc``, the updated weight is quantized to ``acc`` and kept as the accumulator;
+    4. with ``master_weight``, the updated weight is quantized to ``master_weight`` and kept
+       as the master copy;
     5. the weight is quantized to ``weight``;
     6. every floating-point optimizer state tensor shaped like its parameter (SGD momentum,
        Adam's ``exp_avg`` and ``exp_avg_sq``, RMSprop's ``square_avg``, ...) is quantized to
-       ``momentum``.
+       ``optimizer_state``.
 
     Each role is one multi-tensor call over all parameters (:func:`lp.quantize_foreach_`),
-    in place; after the first step (which allocates the accumulators) a step allocates no
+    in place; after the first step (which allocates the master weights) a step allocates no
     tensors. ``None`` leaves a role in float32. Formats are format objects or spec strings;
     ``recipe="bfp8"`` (or ``LowPrecision.from_name("bfp8")``) takes them from a registered
     recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
-    seed and broadcast from rank 0, so every rank rounds alike; its state and the accumulators
+    seed and broadcast from rank 0, so every rank rounds alike; its state and the master weights
     are saved in checkpoints, so a resumed run continues bit for bit.
     """
 
@@ -51,18 +62,26 @@ class LowPrecision(Precision):
         self,
         weight: FormatLike = None,
         grad: FormatLike = None,
-        momentum: FormatLike = None,
-        acc: FormatLike = None,
+        optimizer_state: FormatLike = None,
+        master_weight: FormatLike = None,
         weight_rounding: str = "nearest",
         grad_rounding: str = "nearest",
-        momentum_rounding: str = "nearest",
-        acc_rounding: str = "nearest",
+        optimizer_state_rounding: str = "nearest",
+        master_weight_rounding: str = "nearest",
         grad_scale: float = 1.0,
-        recipe: Optional[str] = None,
+        recipe: str | None = None,
     ):
         super().__init__()
-        given = dict(weight=weight, grad=grad, momentum=momentum, acc=acc, weight_rounding=weight_rounding,
-                     grad_rounding=grad_rounding, momentum_rounding=momentum_rounding, acc_rounding=acc_rounding)
+        given = {
+            "weight": weight,
+            "grad": grad,
+            "optimizer_state": optimizer_state,
+            "master_weight": master_weight,
+            "weight_rounding": weight_rounding,
+            "grad_rounding": grad_rounding,
+            "optimizer_state_rounding": optimizer_state_rounding,
+            "master_weight_rounding": master_weight_rounding,
+        }
         if recipe is not None:
             changed = [k for k, v in given.items() if v != ("nearest" if k.endswith("rounding") else None)]
             if changed:
@@ -79,14 +98,15 @@ class LowPrecision(Precision):
         self.grad_scale = float(grad_scale)
         self.generator = torch.Generator()
         self._seeded = False
-        self._module: Optional[torch.nn.Module] = None
-        self._accumulators: Dict[torch.nn.Parameter, torch.Tensor] = {}
-        self._pending_state: Optional[Dict[str, Any]] = None
+        self._module: torch.nn.Module | None = None
+        self._master_weights: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "LowPrecision":
+    def from_name(cls, name: str, **overrides) -> LowPrecision:
         """The plugin for a registered recipe (``lp.list_recipes()``); keyword arguments replace
-        single roles, e.g. ``from_name("bfp8", grad_rounding="stochastic", acc=None)``."""
+        single roles, e.g. ``from_name("bfp8", grad_rounding="stochastic", master_weight=None)``.
+        """
         grad_scale = overrides.pop("grad_scale", 1.0)
         unknown = set(overrides) - set(_ARGUMENTS)
         if unknown:
@@ -99,7 +119,7 @@ class LowPrecision(Precision):
 
     # ---- Lightning hooks --------------------------------------------------------------
 
-    def connect(self, model, optimizers: List[Optimizer], lr_schedulers: List[Any]):
+    def connect(self, model, optimizers: list[Optimizer], lr_schedulers: list[Any]):
         for optimizer in optimizers:
             inner = getattr(optimizer, "optimizer", optimizer)
             if isinstance(inner, LBFGS):
@@ -123,52 +143,52 @@ class LowPrecision(Precision):
         return closure_result if result is None else result
 
     # Each role is one multi-tensor call over all parameters, in place: no per-tensor trips
-    # through Python, no temporaries (the accumulators are allocated once, at the first step).
+    # through Python, no temporaries (the master weights are allocated once, at the first step).
 
     @torch.no_grad()
-    def _before_step(self, params: List[torch.nn.Parameter]) -> None:
+    def _before_step(self, params: list[torch.nn.Parameter]) -> None:
         r = self.recipe
         grads = [p.grad for p in params if p.grad is not None]
         if grads and self.grad_scale != 1.0:
             torch._foreach_mul_(grads, self.grad_scale)
         if grads and r.grad is not None:
             quantize_foreach_(grads, r.grad, r.grad_rounding, self.generator)
-        if r.acc is not None:
-            torch._foreach_copy_(params, [self._accumulator(p) for p in params])
+        if r.master_weight is not None:
+            torch._foreach_copy_(params, [self._master_weight(p) for p in params])
 
     @torch.no_grad()
-    def _after_step(self, optimizer: Optimizer, params: List[torch.nn.Parameter]) -> None:
+    def _after_step(self, optimizer: Optimizer, params: list[torch.nn.Parameter]) -> None:
         r, g = self.recipe, self.generator
-        if r.acc is not None:
-            accs = [self._accumulators[p] for p in params]
-            quantize_foreach_(accs, r.acc, r.acc_rounding, g, sources=params)
+        if r.master_weight is not None:
+            masters = [self._master_weights[p] for p in params]
+            quantize_foreach_(masters, r.master_weight, r.master_weight_rounding, g, sources=params)
             if r.weight is not None:
-                quantize_foreach_(params, r.weight, r.weight_rounding, g, sources=accs)
+                quantize_foreach_(params, r.weight, r.weight_rounding, g, sources=masters)
             else:
-                torch._foreach_copy_(params, accs)
+                torch._foreach_copy_(params, masters)
         elif r.weight is not None:
             quantize_foreach_(params, r.weight, r.weight_rounding, g)
-        if r.momentum is not None:
+        if r.optimizer_state is not None:
             states = [
                 value
                 for p in params
                 for key, value in optimizer.state.get(p, {}).items()
                 if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape
             ]
-            quantize_foreach_(states, r.momentum, r.momentum_rounding, g)
+            quantize_foreach_(states, r.optimizer_state, r.optimizer_state_rounding, g)
 
     # ---- state ------------------------------------------------------------------------
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         if self._module is None:
             return self._pending_state or {}
         names = {p: n for n, p in self._module.named_parameters()}
         return {
             "generator": self.generator.get_state(),
-            "accumulators": {names[p]: acc.clone() for p, acc in self._accumulators.items() if p in names},
+            "master_weights": {names[p]: m.clone() for p, m in self._master_weights.items() if p in names},
         }
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)  # applied at the next step, when the parameters are known
         if self._module is not None:
             self._apply_pending()
@@ -195,14 +215,14 @@ class LowPrecision(Precision):
             self.generator.set_state(state["generator"])
             self._seeded = True
         params = dict(self._module.named_parameters())
-        for name, acc in state.get("accumulators", {}).items():
+        for name, master in state.get("master_weights", {}).items():
             if name not in params:
-                raise ValueError(f"checkpoint has an accumulator for {name!r}, which the model does not have")
+                raise ValueError(f"checkpoint has a master weight for {name!r}, which the model does not have")
             p = params[name]
-            self._accumulators[p] = acc.to(device=p.device, dtype=p.dtype).clone()
+            self._master_weights[p] = master.to(device=p.device, dtype=p.dtype).clone()
 
-    def _accumulator(self, p: torch.nn.Parameter) -> torch.Tensor:
-        acc = self._accumulators.get(p)
-        if acc is None:  # as OptimLP: the accumulator starts as the (unquantized) initial weight
-            acc = self._accumulators[p] = p.detach().clone()
-        return acc
+    def _master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        master = self._master_weights.get(p)
+        if master is None:  # as OptimLP: the master copy starts as the (unquantized) initial weight
+            master = self._master_weights[p] = p.detach().clone()
+        return master

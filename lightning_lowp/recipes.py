@@ -1,7 +1,7 @@
 """Recipes: named bundles of formats and rounding modes for every role in training.
 
 A recipe says what each quantity is stored in: weights, gradients, optimizer state
-(momentum), the high-precision weight accumulators, activations and errors (the gradients
+(momentum, Adam's moments), the fp32 master copies of the weights, activations and errors (the gradients
 flowing back between layers). ``None`` leaves a role in float32. ``LowPrecision.from_name``
 and ``QuantizeActivations.from_name`` take the same names, so one name sets a whole recipe.
 
@@ -17,14 +17,14 @@ and ``QuantizeActivations.from_name`` take the same names, so one name sets a wh
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Union
+from typing import Optional
 
 from lightning_lowp.formats import Format, as_format, check_rounding
 
 __all__ = ["Recipe", "register_recipe", "get_recipe", "list_recipes"]
 
-FormatLike = Optional[Union[Format, str]]
-ROLES = ("weight", "grad", "momentum", "acc", "activation", "error")
+FormatLike = Optional[Format | str]
+ROLES = ("weight", "grad", "optimizer_state", "master_weight", "activation", "error")
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,14 @@ class Recipe:
 
     weight: FormatLike = None
     grad: FormatLike = None
-    momentum: FormatLike = None
-    acc: FormatLike = None
+    optimizer_state: FormatLike = None
+    master_weight: FormatLike = None
     activation: FormatLike = None
     error: FormatLike = None
     weight_rounding: str = "nearest"
     grad_rounding: str = "nearest"
-    momentum_rounding: str = "nearest"
-    acc_rounding: str = "nearest"
+    optimizer_state_rounding: str = "nearest"
+    master_weight_rounding: str = "nearest"
     activation_rounding: str = "nearest"
     error_rounding: str = "nearest"
 
@@ -58,29 +58,39 @@ class Recipe:
 
 def _seed_recipe(low: Format) -> Recipe:
     """The seed notebook's setting: `low` for weights, gradients, activations and errors,
-    bf16 momentum and accumulators, round to nearest. (The seed asks for stochastic rounding
+    bf16 optimizer state and master weights, round to nearest. (The seed asks for stochastic rounding
     of gradients and momentum, but OptimLP applies only a Quantizer's forward rounding, so
-    its runs round to nearest; these recipes reproduce what it ran.)"""
-    return Recipe(weight=low, grad=low, momentum="bf16", acc="bf16", activation=low, error=low)
+    its runs round to nearest; these recipes reproduce what it ran.).
+    """
+    return Recipe(weight=low, grad=low, optimizer_state="bf16", master_weight="bf16", activation=low, error=low)
 
 
 def _float_recipe(fmt: str) -> Recipe:
-    """Weights, gradients, activations and errors in `fmt`; momentum and accumulators bf16,
-    or float32 when `fmt` is itself 16 bits wide (the usual master-weights setting)."""
+    """Weights, gradients, activations and errors in `fmt`; optimizer state and master
+    weights bf16,
+    or float32 when `fmt` is itself 16 bits wide (the usual master-weights setting).
+    """
     state = None if fmt in ("bf16", "fp16") else "bf16"
-    return Recipe(weight=fmt, grad=fmt, momentum=state or fmt, acc=state, activation=fmt, error=fmt)
+    return Recipe(weight=fmt, grad=fmt, optimizer_state=state or fmt, master_weight=state, activation=fmt, error=fmt)
 
 
-_RECIPES: Dict[str, Recipe] = {
+_RECIPES: dict[str, Recipe] = {
     "fixed8": _seed_recipe(as_format("fixed(8,7)")),
     # 8-bit fixed point that trains: the seed's fixed(8,7) saturates activations at 1 and flushes
     # most gradients to 0. Each role gets the fractional length its values need (measured on
     # LeNet / Fashion-MNIST): activations up to 16, errors and gradients down to 2^-12, the
     # last two rounded stochastically (to nearest, small gradients vanish and the training
     # diverges after a few hundred steps).
-    "fixed8_roles": Recipe(weight="fixed(8,7)", grad="fixed(8,12)", momentum="bf16", acc="bf16",
-                           activation="fixed(8,3)", error="fixed(8,12)", grad_rounding="stochastic",
-                           error_rounding="stochastic"),
+    "fixed8_roles": Recipe(
+        weight="fixed(8,7)",
+        grad="fixed(8,12)",
+        optimizer_state="bf16",
+        master_weight="bf16",
+        activation="fixed(8,3)",
+        error="fixed(8,12)",
+        grad_rounding="stochastic",
+        error_rounding="stochastic",
+    ),
     "bfp8": _seed_recipe(as_format("bfp(8)")),
     "bf16": _float_recipe("bf16"),
     "fp16": _float_recipe("fp16"),
@@ -100,7 +110,7 @@ def register_recipe(name: str, recipe: Recipe, overwrite: bool = False) -> None:
     _RECIPES[name] = recipe
 
 
-def get_recipe(name: Union[str, Recipe]) -> Recipe:
+def get_recipe(name: str | Recipe) -> Recipe:
     """The recipe registered as ``name`` (a Recipe is returned as is)."""
     if isinstance(name, Recipe):
         return name
@@ -109,6 +119,6 @@ def get_recipe(name: Union[str, Recipe]) -> Recipe:
     return _RECIPES[name]
 
 
-def list_recipes() -> List[str]:
+def list_recipes() -> list[str]:
     """The names of the registered recipes, sorted."""
     return sorted(_RECIPES)

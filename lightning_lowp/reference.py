@@ -32,8 +32,6 @@ values and the seed (``quantize(x.t().contiguous().t())`` draws differently from
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import numpy as np
 import torch
 
@@ -55,8 +53,7 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     x = (x * np.uint64(0x7FEB352D)) & _MASK32
     x = x ^ (x >> np.uint64(15))
     x = (x * np.uint64(0x846CA68B)) & _MASK32
-    x = x ^ (x >> np.uint64(16))
-    return x
+    return x ^ (x >> np.uint64(16))
 
 
 def random_bits(key: int, counters) -> np.ndarray:
@@ -91,7 +88,7 @@ def kernel_counters(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     # Offsets in memory (relative to the storage offset); x is non-overlapping and dense iff
     # they are a permutation of 0..numel-1.
     offsets = torch.zeros(shape, dtype=torch.int64)
-    for d, (size, stride) in enumerate(zip(shape, x.stride())):
+    for d, (size, stride) in enumerate(zip(shape, x.stride(), strict=False)):
         view = [1] * len(shape)
         view[d] = size
         offsets = offsets + (torch.arange(size, dtype=torch.int64) * stride).reshape(view)
@@ -165,8 +162,10 @@ def _float(a, finite, negative, fmt: FloatingPoint, rounding, rbits):
     max_value = fmt.max_value
     safe = torch.where(finite & (a > 0), a, 1.0)
     e = _floor_log2(safe)  # binade of |x|
-    e_step = torch.clamp(e, min=fmt.emin) - fmt.man if fmt.subnormals else torch.where(
-        e < fmt.emin, torch.full_like(e, fmt.emin), e - fmt.man
+    e_step = (
+        torch.clamp(e, min=fmt.emin) - fmt.man
+        if fmt.subnormals
+        else torch.where(e < fmt.emin, torch.full_like(e, fmt.emin), e - fmt.man)
     )
     mag = _round_magnitude(torch.where(finite, a, 0.0), _pow2(e_step), negative, rounding, rbits)
     big = torch.tensor(max_value, dtype=_F64)
@@ -202,10 +201,11 @@ def _block_max(a: torch.Tensor, fmt: BlockFloatingPoint) -> torch.Tensor:
     return per_element.movedim(-1, d).contiguous()
 
 
-def block_range(a: torch.Tensor, fmt: BlockFloatingPoint) -> Tuple[torch.Tensor, torch.Tensor]:
+def block_range(a: torch.Tensor, fmt: BlockFloatingPoint) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, limit) of each element's block, for magnitudes ``a`` (float64): the block holds
     multiples of ``step`` up to ``limit``; a block with no nonzero finite value, or wl=1,
-    holds only 0."""
+    holds only 0.
+    """
     m = _block_max(a, fmt)
     zero_block = (m == 0) | (fmt.wl == 1)
     e = _floor_log2(torch.where(zero_block, 1.0, m))
@@ -225,9 +225,9 @@ def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
 
 def reference_quantize(
     x: torch.Tensor,
-    fmt: Union[Format, str],
+    fmt: Format | str,
     rounding: str = "nearest",
-    key: Optional[int] = None,
+    key: int | None = None,
 ) -> torch.Tensor:
     """``x`` rounded to ``fmt`` exactly as the contract says; x's dtype and shape.
 

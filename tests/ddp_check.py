@@ -74,7 +74,7 @@ def main():
     x = torch.randn(256, 8, generator=g)
     y = (x[:, :4].argmax(dim=1) + (x[:, 4] > 1).long()) % 4
     plugin = LowPrecision(
-        weight="fixed(8,5)", grad="fixed(8,6)", momentum="bf16", acc="bf16",
+        weight="fixed(8,5)", grad="fixed(8,6)", optimizer_state="bf16", master_weight="bf16",
         weight_rounding="stochastic", grad_rounding="stochastic",
     )  # fmt: skip
     trainer = pl.Trainer(

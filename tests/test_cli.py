@@ -6,11 +6,11 @@ import sys
 import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI  # needs jsonargparse[signatures]
+from test_data import MNIST_LIKE, write_dataset  # tests/ is on sys.path (pytest's default import mode)
 
 import lightning_lowp as lp
 from lightning_lowp.data import LeNet, MNISTFamily
 from lightning_lowp.plugins import LowPrecision
-from test_data import MNIST_LIKE, write_dataset  # tests/ is on sys.path (pytest's default import mode)
 
 
 @pytest.fixture(autouse=True)
@@ -60,14 +60,18 @@ def test_cli_config_picks_recipe_by_name_and_fits(tmp_path):
     plugin = trainer.precision_plugin
     assert isinstance(plugin, LowPrecision)
     bfp8 = lp.get_recipe("bfp8")
-    for role in ("weight", "grad", "momentum", "acc"):
+    for role in ("weight", "grad", "optimizer_state", "master_weight"):
         assert getattr(plugin.recipe, role) == getattr(bfp8, role), role
-    assert plugin.recipe.weight == lp.BlockFloatingPoint(8) and str(plugin.recipe.momentum) == "bf16"
+    assert plugin.recipe.weight == lp.BlockFloatingPoint(8)
+    assert str(plugin.recipe.optimizer_state) == "bf16"
     callback = the(trainer.callbacks, lp.QuantizeActivations)
     assert callback.settings == (lp.BlockFloatingPoint(8), lp.BlockFloatingPoint(8), "nearest", "nearest")
-    assert cli.model.hparams.lr == 0.01 and cli.datamodule.batch_size == 8
-    assert trainer.global_step == 2 and cli.datamodule.dataset_name == "mnist"
-    assert set(callback.hooked) == {"conv1", "conv2", "fc1", "fc2"} and not callback._handles
+    assert cli.model.hparams.lr == 0.01
+    assert cli.datamodule.batch_size == 8
+    assert trainer.global_step == 2
+    assert cli.datamodule.dataset_name == "mnist"
+    assert set(callback.hooked) == {"conv1", "conv2", "fc1", "fc2"}
+    assert not callback._handles
     for name, p in cli.model.named_parameters():  # the plugin ran: weights on the bfp(8) grid
         w = p.detach()
         assert lp.quantize(w, "bfp(8)").equal(w), name
@@ -81,9 +85,12 @@ def test_cli_spelled_out_formats_without_running(tmp_path):
     activations = {"forward": "fixed(8,7)", "backward": "bfp(8)", "backward_rounding": "stochastic"}
     cli = LightningCLI(LeNet, MNISTFamily, args=["--config", str(config(tmp_path, args, activations))], run=False)
     plugin = cli.trainer.precision_plugin
-    assert isinstance(plugin, LowPrecision) and plugin.grad_scale == 2.0
-    assert plugin.recipe.weight == lp.FixedPoint(8, 7) and plugin.recipe.grad_rounding == "stochastic"
-    assert plugin.recipe.momentum is None and plugin.recipe.acc is None
+    assert isinstance(plugin, LowPrecision)
+    assert plugin.grad_scale == 2.0
+    assert plugin.recipe.weight == lp.FixedPoint(8, 7)
+    assert plugin.recipe.grad_rounding == "stochastic"
+    assert plugin.recipe.optimizer_state is None
+    assert plugin.recipe.master_weight is None
     callback = the(cli.trainer.callbacks, lp.QuantizeActivations)
     assert callback.settings == (lp.FixedPoint(8, 7), lp.BlockFloatingPoint(8), "nearest", "stochastic")
     assert cli.trainer.global_step == 0

@@ -34,7 +34,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
     assert torch.equal(bits(a), bits(b)), (a, b)
 
 
@@ -80,11 +81,18 @@ def _fixed_inputs(fl):
     step = 2.0**-fl
     ks = np.arange(-20, 20)
     ties = (ks + 0.5) * step
-    near = np.concatenate([np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
-                           np.nextafter(ties.astype(np.float32), np.float32(-np.inf))])
+    near = np.concatenate(
+        [
+            np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
+            np.nextafter(ties.astype(np.float32), np.float32(-np.inf)),
+        ]
+    )
     rng = np.random.default_rng(0)
-    return f32(np.concatenate([ties, near, ks * step, rng.normal(0, 4 * step, 200), [1e6, -1e6, 0.0, -0.0,
-                                                                                      np.inf, -np.inf, np.nan]]))
+    return f32(
+        np.concatenate(
+            [ties, near, ks * step, rng.normal(0, 4 * step, 200), [1e6, -1e6, 0.0, -0.0, np.inf, -np.inf, np.nan]]
+        )
+    )
 
 
 def _float_inputs(exp, man):
@@ -92,9 +100,13 @@ def _float_inputs(exp, man):
     rng = np.random.default_rng(1)
     emin = fmt.emin
     sub = np.arange(0, 2**man + 1) * 2.0 ** (emin - man)  # subnormal grid and 2^emin
-    values = [sub, sub + 2.0 ** (emin - man - 1), 1 + (np.arange(2**man) + 0.5) * 2.0**-man,
-              rng.normal(0, 1, 200) * 2.0 ** rng.integers(-20, 20, 200),
-              [fmt.max_value, fmt.max_value * (1 + 2.0**-man), fmt.max_value * 1.01, 3e38, np.inf, np.nan, 0.0]]
+    values = [
+        sub,
+        sub + 2.0 ** (emin - man - 1),
+        1 + (np.arange(2**man) + 0.5) * 2.0**-man,
+        rng.normal(0, 1, 200) * 2.0 ** rng.integers(-20, 20, 200),
+        [fmt.max_value, fmt.max_value * (1 + 2.0**-man), fmt.max_value * 1.01, 3e38, np.inf, np.nan, 0.0],
+    ]
     v = np.concatenate(values)
     v = v[np.abs(v) < 3.4e38 + 1e38 * np.isinf(v)]  # float32-representable (Inf kept)
     return f32(np.concatenate([v, -v]))
@@ -104,29 +116,49 @@ def _block_inputs():
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, (6, 32)) * 2.0 ** rng.integers(-4, 4, (6, 1))
     x[:, 0] = [1.0, 3.0, 0.75, 5.0, 1.5, 0.1]  # block maxima
-    x[:, 1:9] = (np.arange(-4, 4) + 0.5)[None, :] * 2.0 ** -5  # ties on a fine grid
+    x[:, 1:9] = (np.arange(-4, 4) + 0.5)[None, :] * 2.0**-5  # ties on a fine grid
     x[2, :] = 0.0  # an all-zero row
     return f32(x)
 
 
 CASES = [
     ("fixed", lambda r: fixed_point_quantize(_fixed_inputs(3), 6, 3, rounding=r), _fixed_inputs(3), FixedPoint(6, 3)),
-    ("fixed_sym_noclamp", lambda r: fixed_point_quantize(_fixed_inputs(2), 4, 2, False, True, rounding=r),
-     _fixed_inputs(2), FixedPoint(4, 2, clamp=False, symmetric=True)),
-    ("float_e5m2", lambda r: float_quantize(_float_inputs(5, 2), 5, 2, rounding=r), _float_inputs(5, 2),
-     FloatingPoint(5, 2)),
-    ("float_e4m3", lambda r: float_quantize(_float_inputs(4, 3), 4, 3, rounding=r), _float_inputs(4, 3),
-     FloatingPoint(4, 3)),
+    (
+        "fixed_sym_noclamp",
+        lambda r: fixed_point_quantize(_fixed_inputs(2), 4, 2, False, True, rounding=r),
+        _fixed_inputs(2),
+        FixedPoint(4, 2, clamp=False, symmetric=True),
+    ),
+    (
+        "float_e5m2",
+        lambda r: float_quantize(_float_inputs(5, 2), 5, 2, rounding=r),
+        _float_inputs(5, 2),
+        FloatingPoint(5, 2),
+    ),
+    (
+        "float_e4m3",
+        lambda r: float_quantize(_float_inputs(4, 3), 4, 3, rounding=r),
+        _float_inputs(4, 3),
+        FloatingPoint(4, 3),
+    ),
     ("bf16", lambda r: float_quantize(_float_inputs(8, 7), 8, 7, rounding=r), _float_inputs(8, 7), FloatingPoint(8, 7)),
     ("bfp_tensor", lambda r: block_quantize(_block_inputs(), 6, rounding=r), _block_inputs(), BlockFloatingPoint(6)),
-    ("bfp_dim0", lambda r: block_quantize(_block_inputs(), 4, dim=0, rounding=r), _block_inputs(),
-     BlockFloatingPoint(4, dim=0)),
-    ("bfp_dim1", lambda r: block_quantize(_block_inputs(), 8, dim=1, rounding=r), _block_inputs(),
-     BlockFloatingPoint(8, dim=1)),
+    (
+        "bfp_dim0",
+        lambda r: block_quantize(_block_inputs(), 4, dim=0, rounding=r),
+        _block_inputs(),
+        BlockFloatingPoint(4, dim=0),
+    ),
+    (
+        "bfp_dim1",
+        lambda r: block_quantize(_block_inputs(), 8, dim=1, rounding=r),
+        _block_inputs(),
+        BlockFloatingPoint(8, dim=1),
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, fn, x, number", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "fn", "x", "number"), CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_functions_equal_lightning_lowp_and_the_reference(name, fn, x, number, rounding):
     mode = {"nearest": "nearest_away", "stochastic": "stochastic"}[rounding]
@@ -212,7 +244,8 @@ def test_fixed_point_matches_qpytorch_except_negative_ties():
 def test_fixed_point_range_and_inf():
     x = f32([100.0, -100.0, np.inf, -np.inf, 3.76, -4.2, np.nan])
     out = fixed_point_quantize(x, 4, 1, rounding="nearest")  # range [-4, 3.5], step 0.5
-    assert out[:6].tolist() == [3.5, -4.0, 3.5, -4.0, 3.5, -4.0] and torch.isnan(out[6])
+    assert out[:6].tolist() == [3.5, -4.0, 3.5, -4.0, 3.5, -4.0]
+    assert torch.isnan(out[6])
     assert fixed_point_quantize(x, 4, 1, symmetric=True, rounding="nearest")[:4].tolist() == [3.5, -3.5, 3.5, -3.5]
     assert fixed_point_quantize(x, 4, 1, clamp=False, rounding="nearest")[:4].tolist() == [100, -100, np.inf, -np.inf]
 
@@ -259,7 +292,8 @@ def test_quantizer_forward_and_backward():
     assert_bits_equal(y, fixed_point_quantize(x.detach(), 8, 4, rounding="nearest"))
     (y * g).sum().backward()
     assert_bits_equal(x.grad, float_quantize(g, 5, 2, rounding="nearest"))
-    assert isinstance(q, torch.nn.Module) and list(q.state_dict()) == []
+    assert isinstance(q, torch.nn.Module)
+    assert list(q.state_dict()) == []
     assert "FixedPoint (wl=8, fl=4)" in repr(q)
 
 
@@ -288,8 +322,14 @@ def test_quantizer_identity_and_stochastic_defaults():
 def test_quantizer_clamping_grad_zero_and_backward_hooks():
     x = f32([-5.0, -4.2, 0.3, 3.5, 3.74, 3.76, 10.0]).requires_grad_()
     g = f32([1.0, 1.5, 0.3, -0.7, 2.0, 1.0, 1.0])
-    q = quantizer(FixedPoint(4, 1), FixedPoint(8, 2), "nearest", "nearest", clamping_grad_zero=True,
-                  backward_hooks=[lambda grad: grad * 2])
+    q = quantizer(
+        FixedPoint(4, 1),
+        FixedPoint(8, 2),
+        "nearest",
+        "nearest",
+        clamping_grad_zero=True,
+        backward_hooks=[lambda grad: grad * 2],
+    )
     y = q(x)
     assert y.tolist() == [-4.0, -4.0, 0.5, 3.5, 3.5, 3.5, 3.5]
     y.backward(g)
@@ -308,7 +348,8 @@ def test_quantizer_clamping_grad_zero_and_backward_hooks():
     # other dtypes
     xb = x.detach().to(torch.bfloat16).requires_grad_()
     yb = quantizer(FixedPoint(4, 1), clamping_grad_zero=True, forward_rounding="nearest")(xb)
-    assert yb.dtype == torch.bfloat16 and yb.tolist() == y.tolist()
+    assert yb.dtype == torch.bfloat16
+    assert yb.tolist() == y.tolist()
 
 
 # ---- OptimLP --------------------------------------------------------------------------------
@@ -325,9 +366,14 @@ def test_optimlp_sgd_momentum_steps_by_hand():
     lr, mom, wd, scale = 0.1, 0.9, 1e-2, 2.0
     p = torch.nn.Parameter(w0.clone())
     fixed84, fixed86 = FixedPoint(8, 4), FixedPoint(8, 6)
-    opt = OptimLP(torch.optim.SGD([p], lr=lr, momentum=mom, weight_decay=wd), weight_quant=_nearest(fixed84),
-                  grad_scaling=scale, grad_quant=_nearest(fixed86), momentum_quant=_nearest(FloatingPoint(5, 2)),
-                  acc_quant=_nearest(FloatingPoint(8, 7)))
+    opt = OptimLP(
+        torch.optim.SGD([p], lr=lr, momentum=mom, weight_decay=wd),
+        weight_quant=_nearest(fixed84),
+        grad_scaling=scale,
+        grad_quant=_nearest(fixed86),
+        momentum_quant=_nearest(FloatingPoint(5, 2)),
+        acc_quant=_nearest(FloatingPoint(8, 7)),
+    )
 
     def wq(t):
         return fixed_point_quantize(t, 8, 4, rounding="nearest")
@@ -370,8 +416,12 @@ def test_optimlp_adam_step_by_hand():
     g = f32([0.3, -0.7, 1.9, -0.05])
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
     p = torch.nn.Parameter(w0.clone())
-    opt = OptimLP(torch.optim.Adam([p], lr=lr, betas=(b1, b2), eps=eps), weight_quant=_nearest(FixedPoint(8, 6)),
-                  momentum_quant=_nearest(FloatingPoint(5, 2)), acc_quant=_nearest(FloatingPoint(8, 7)))
+    opt = OptimLP(
+        torch.optim.Adam([p], lr=lr, betas=(b1, b2), eps=eps),
+        weight_quant=_nearest(FixedPoint(8, 6)),
+        momentum_quant=_nearest(FloatingPoint(5, 2)),
+        acc_quant=_nearest(FloatingPoint(8, 7)),
+    )
     p.grad = g.clone()
     opt.step()
     g64, w64 = g.double(), w0.double()
@@ -401,8 +451,13 @@ def test_optimlp_details():
     opt.step()
     assert calls == []
     # the closure is evaluated (QPyTorch ignored it); parameters without a gradient are skipped
-    opt = OptimLP(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), grad_quant=counting,
-                  momentum_quant=counting, weight_quant=counting, acc_quant=counting)
+    opt = OptimLP(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        grad_quant=counting,
+        momentum_quant=counting,
+        weight_quant=counting,
+        acc_quant=counting,
+    )
     opt.zero_grad()
     model.bias.requires_grad_(False)
 
@@ -412,7 +467,8 @@ def test_optimlp_details():
         return loss
 
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and model.bias.grad is None
+    assert isinstance(loss, torch.Tensor)
+    assert model.bias.grad is None
     assert calls.count(torch.Size([2, 3])) == 4  # grad, acc, weight, momentum of the weight
     # the learning rate is shared with the wrapped optimizer, and schedulers work
     opt.param_groups[0]["lr"] = 0.5
@@ -426,7 +482,7 @@ def test_optimlp_details():
     acc = [a.clone() for a in state["weight_acc"]]
     other = OptimLP(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), acc_quant=counting)
     other.load_state_dict(state)
-    assert all(torch.equal(other.weight_acc[p], a) for p, a in zip(model.parameters(), acc))
+    assert all(torch.equal(other.weight_acc[p], a) for p, a in zip(model.parameters(), acc, strict=False))
     assert "momentum_buffer" in other.optim.state[model.weight]
     assert repr(opt).startswith("LP Optimizer: SGD")
 
@@ -435,7 +491,7 @@ def test_optimlp_details():
 
 
 @pytest.mark.parametrize(
-    "make, argument",
+    ("make", "argument"),
     [
         (lambda: FixedPoint(30, 4), "wl"),
         (lambda: FixedPoint(8, 4, clamp="yes"), "clamp"),

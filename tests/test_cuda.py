@@ -56,7 +56,8 @@ def test_cpu_and_gpu_give_the_same_bits(fmt, rounding):
     on_cpu = lp.quantize(x, fmt, rounding)
     torch.manual_seed(1)
     on_gpu = lp.quantize(x.cuda(), fmt, rounding)
-    assert on_gpu.device.type == "cuda" and on_gpu.shape == x.shape
+    assert on_gpu.device.type == "cuda"
+    assert on_gpu.shape == x.shape
     assert same_bits(on_cpu, on_gpu.cpu())
 
 

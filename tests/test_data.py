@@ -74,10 +74,13 @@ def test_read_idx_round_trips(tmp_path, compress, dtype):
 def test_read_idx_labels_and_images(tmp_path):
     labels = np.array([7, 2, 1, 0, 4], dtype=np.uint8)
     t = read_idx(write_idx(tmp_path / "labels-idx1-ubyte", labels, compress=False))
-    assert t.dtype == torch.uint8 and t.tolist() == [7, 2, 1, 0, 4]
+    assert t.dtype == torch.uint8
+    assert t.tolist() == [7, 2, 1, 0, 4]
     images = np.full((3, 28, 28), 255, dtype=np.uint8)
     t = read_idx(write_idx(tmp_path / "images-idx3-ubyte", images, compress=True))
-    assert t.shape == (3, 28, 28) and t.dtype == torch.uint8 and int(t.min()) == 255
+    assert t.shape == (3, 28, 28)
+    assert t.dtype == torch.uint8
+    assert int(t.min()) == 255
 
 
 def test_read_idx_rejects_bad_files(tmp_path):
@@ -99,9 +102,12 @@ def test_explicit_data_dir_raw_files_normalized_and_limited(tmp_path, offline):
     dm = MNISTFamily("mnist", data_dir=tmp_path / "d", batch_size=16, train_limit=35, val_limit=12)
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.dataset_name == "mnist" and dm.source_dir == tmp_path / "d" / "MNIST" / "raw"
+    assert dm.dataset_name == "mnist"
+    assert dm.source_dir == tmp_path / "d" / "MNIST" / "raw"
     x, y = dm.train_set.tensors
-    assert x.shape == (35, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (35, 1, 28, 28)
+    assert x.dtype == torch.float32
+    assert y.dtype == torch.int64
     assert dm.val_set.tensors[0].shape == (12, 1, 28, 28)
     raw = read_idx(tmp_path / "d" / "MNIST" / "raw" / "train-images-idx3-ubyte")[:35].float() / 255
     expected = (raw - 0.1307) / 0.3081  # the seed's normalization
@@ -119,11 +125,14 @@ def test_fashion_from_debian_directory_uses_its_own_statistics(tmp_path, offline
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", debian)
     dm = MNISTFamily("fashion-mnist")
     dm.setup("validate")  # without prepare_data, as on ranks other than 0
-    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == debian
-    assert dm.train_set is None and len(dm.val_set) == 20
+    assert dm.dataset_name == "fashion-mnist"
+    assert dm.source_dir == debian
+    assert dm.train_set is None
+    assert len(dm.val_set) == 20
     raw = read_idx(debian / "t10k-images-idx3-ubyte.gz").float() / 255
     torch.testing.assert_close(dm.val_set.tensors[0][:, 0], (raw - 0.2860) / 0.3530)
-    assert DATASETS["fashion-mnist"]["mean"] == 0.2860 and DATASETS["fashion-mnist"]["std"] == 0.3530
+    assert DATASETS["fashion-mnist"]["mean"] == 0.2860
+    assert DATASETS["fashion-mnist"]["std"] == 0.3530
     assert offline == []
 
 
@@ -132,7 +141,8 @@ def test_auto_falls_back_to_fashion_when_mnist_download_fails(tmp_path, offline,
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", debian)
     dm = MNISTFamily("auto")
     dm.prepare_data()
-    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == debian
+    assert dm.dataset_name == "fashion-mnist"
+    assert dm.source_dir == debian
     assert offline == [tmp_path / "default-root"]  # MNIST download was tried first, into the default root
 
 
@@ -148,12 +158,14 @@ def test_auto_prefers_mnist_when_the_download_works(tmp_path, offline, monkeypat
     monkeypatch.setattr(data, "_download", fake_download)
     dm = MNISTFamily("auto", data_dir=tmp_path / "cache")
     dm.prepare_data()
-    assert dm.dataset_name == "mnist" and dm.source_dir == tmp_path / "cache" / "MNIST" / "raw"
+    assert dm.dataset_name == "mnist"
+    assert dm.source_dir == tmp_path / "cache" / "MNIST" / "raw"
     assert downloads == [tmp_path / "cache"]
     # A second data module finds the files on disk and downloads nothing.
     again = MNISTFamily("auto", data_dir=tmp_path / "cache")
     again.setup("fit")
-    assert again.dataset_name == "mnist" and downloads == [tmp_path / "cache"]
+    assert again.dataset_name == "mnist"
+    assert downloads == [tmp_path / "cache"]
 
 
 def test_auto_tells_a_bare_directory_of_idx_files_apart(tmp_path, offline):
@@ -163,11 +175,13 @@ def test_auto_tells_a_bare_directory_of_idx_files_apart(tmp_path, offline):
     assert dm.dataset_name == "mnist"
     dm = MNISTFamily("auto", data_dir=write_dataset(tmp_path / "b", FASHION_LIKE))
     dm.prepare_data()
-    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == tmp_path / "b"
+    assert dm.dataset_name == "fashion-mnist"
+    assert dm.source_dir == tmp_path / "b"
     assert offline == []  # an explicit data_dir with Fashion-MNIST wins over a download
     explicit = MNISTFamily("mnist", data_dir=tmp_path / "b", download=False)  # the user knows best
     explicit.prepare_data()
-    assert explicit.dataset_name == "mnist" and explicit.source_dir == tmp_path / "b"
+    assert explicit.dataset_name == "mnist"
+    assert explicit.source_dir == tmp_path / "b"
 
 
 def test_clear_error_when_no_dataset_is_available(tmp_path, offline):
@@ -177,11 +191,13 @@ def test_clear_error_when_no_dataset_is_available(tmp_path, offline):
             dm.prepare_data()
         message = str(info.value)
         assert "apt-get install dataset-fashion-mnist" in message
-        assert "data_dir" in message and "t10k-images-idx3-ubyte" in message
+        assert "data_dir" in message
+        assert "t10k-images-idx3-ubyte" in message
         assert "online" in message
         assert str(tmp_path / "empty") in message  # says where it looked
         shown = "Fashion-MNIST" if dataset == "fashion-mnist" else "MNIST"
-        assert f"downloading {shown}" in message and "Name or service not known" in message
+        assert f"downloading {shown}" in message
+        assert "Name or service not known" in message
     assert len(offline) == 3  # every dataset choice tried torchvision's download
     with pytest.raises(FileNotFoundError, match="download=True"):
         MNISTFamily("mnist", data_dir=tmp_path / "empty", download=False).setup("fit")
@@ -238,7 +254,8 @@ def test_lenet_fits_on_the_data_module_and_logs(tmp_path, offline):
     assert trainer.global_step == 3
     assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
-    assert set(result) == {"test/loss", "test/acc"} and 0.0 <= result["test/acc"] <= 1.0
+    assert set(result) == {"test/loss", "test/acc"}
+    assert 0.0 <= result["test/acc"] <= 1.0
 
 
 def test_fashion_mnist_is_downloaded_when_nowhere_on_disk(tmp_path, offline, monkeypatch):
@@ -252,4 +269,5 @@ def test_fashion_mnist_is_downloaded_when_nowhere_on_disk(tmp_path, offline, mon
     dm = MNISTFamily("fashion-mnist", data_dir=tmp_path / "cache")
     dm.prepare_data()
     assert downloads == ["fashion-mnist"]
-    assert dm.dataset_name == "fashion-mnist" and dm.source_dir == tmp_path / "cache" / "FashionMNIST" / "raw"
+    assert dm.dataset_name == "fashion-mnist"
+    assert dm.source_dir == tmp_path / "cache" / "FashionMNIST" / "raw"

@@ -24,7 +24,8 @@ def test_ddp_ranks_keep_identical_weights_with_stochastic_rounding(tmp_path):
     assert proc.returncode == 0, output
     assert result_path.exists(), output
     result = json.loads(result_path.read_text())
-    assert result["world_size"] == 2 and result["steps"] == 6
+    assert result["world_size"] == 2
+    assert result["steps"] == 6
     assert result["different_data"], "the ranks should have trained on different batches"
     assert result["identical"], f"weights differ across ranks by up to {result['max_abs_difference']}"
     assert result["changed"], "training did not change the weights"

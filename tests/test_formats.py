@@ -66,7 +66,7 @@ def test_formats_are_immutable_and_hashable():
 
 
 @pytest.mark.parametrize(
-    "make, names",
+    ("make", "names"),
     [
         (lambda: lp.FixedPoint(0, 0), "wl"),
         (lambda: lp.FixedPoint(26, 0), "wl"),

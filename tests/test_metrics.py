@@ -60,15 +60,15 @@ def loader(n=60, seed=0, scale=1.0, batch_size=16):  # 60 = 16+16+16+12: a short
 
 
 def make_trainer(*callbacks, **kwargs):
-    defaults = dict(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
+    defaults = {
+        "max_steps": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+    }
     return pl.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
 
 
@@ -78,7 +78,7 @@ def hand_accuracy(model, dl, quantized):
     qa.attach(model)
     model.eval()
     correct = total = 0
-    with torch.no_grad(), (nullcontext() if quantized else qa.disabled()):
+    with torch.no_grad(), nullcontext() if quantized else qa.disabled():
         for x, y in dl:
             correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
@@ -178,7 +178,8 @@ def test_without_quantize_activations_warns_once_and_logs_equal_accuracies():
     m = trainer.callback_metrics
     assert m["val/acc_quantized"].item() == m["val/acc_float"].item()
     assert m["val/acc_gap"].item() == 0
-    assert not any(k.startswith("quant/") for k in m) and cb.last_layer_stats == {}
+    assert not any(k.startswith("quant/") for k in m)
+    assert cb.last_layer_stats == {}
 
 
 # ---- per-layer statistics -----------------------------------------------------------------------
@@ -270,7 +271,8 @@ def test_quantization_error_stats_ranges():
     q = lp.quantize(x, "fixed(4,1)")
     assert q.tolist() == [-4.0, 3.5, -4.0, 0.0, 0.0, 1.0, 3.5, 0.0]
     s = quantization_error_stats(x, q, "fixed(4,1)")
-    assert s["saturated"] == 3 / 8 and s["flushed"] == 2 / 8
+    assert s["saturated"] == 3 / 8
+    assert s["flushed"] == 2 / 8
     finite = torch.isfinite(x)
     expected = 10 * math.log10((x[finite].double() ** 2).sum() / ((x - q)[finite].double() ** 2).sum())
     assert s["sqnr_db"] == pytest.approx(expected, rel=1e-6)  # squares summed from float32
@@ -290,13 +292,15 @@ def test_quantization_error_stats_ranges():
     q = lp.quantize(x, "bfp(4,block_size=2)")
     assert q.tolist() == [[1.75, 0.0], [7.0, 6.0]]
     s = quantization_error_stats(x, q, "bfp(4,block_size=2)")
-    assert s["saturated"] == 2 / 4 and s["flushed"] == 1 / 4
+    assert s["saturated"] == 2 / 4
+    assert s["flushed"] == 1 / 4
     # one block per column (dim=1): both columns have E=2, limit 7 -> only 7.9 saturates
     for fmt in (lp.BlockFloatingPoint(4, dim=1), lp.BlockFloatingPoint(4)):  # and the whole tensor
         q = lp.quantize(x, fmt)
         assert q.tolist() == [[2.0, 0.0], [7.0, 6.0]]
         s = quantization_error_stats(x, q, fmt)
-        assert s["saturated"] == 1 / 4 and s["flushed"] == 1 / 4
+        assert s["saturated"] == 1 / 4
+        assert s["flushed"] == 1 / 4
     # one block per row (dim=0) is the block_size=2 case here
     q = lp.quantize(x, lp.BlockFloatingPoint(4, dim=0))
     assert quantization_error_stats(x, q, lp.BlockFloatingPoint(4, dim=0))["saturated"] == 2 / 4
@@ -304,11 +308,13 @@ def test_quantization_error_stats_ranges():
     # floating point: fp8_e4m3 saturates at 448 and flushes below half its smallest subnormal
     x = torch.tensor([500.0, -1000.0, 448.0, 1e-4, 1.0])
     s = quantization_error_stats(x, lp.quantize(x, "fp8_e4m3"), "fp8_e4m3")
-    assert s["saturated"] == 2 / 5 and s["flushed"] == 1 / 5
+    assert s["saturated"] == 2 / 5
+    assert s["flushed"] == 1 / 5
     # IEEE overflow to Inf counts as saturated, and the SQNR is -inf
     x = torch.tensor([70000.0, 1.0])
     s = quantization_error_stats(x, lp.quantize(x, "fp16"), "fp16")
-    assert s["saturated"] == 1 / 2 and s["sqnr_db"] == -math.inf
+    assert s["saturated"] == 1 / 2
+    assert s["sqnr_db"] == -math.inf
 
 
 # ---- training undisturbed, arguments ------------------------------------------------------------
@@ -326,7 +332,7 @@ def test_training_is_unchanged_by_the_callback(rounding):
         return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
 
     (params_a, rng_a), (params_b, rng_b) = run(False), run(True)
-    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=False))
     assert torch.equal(rng_a, rng_b)
 
 
@@ -353,13 +359,19 @@ def test_bad_arguments_raise():
         quantization_error_stats(torch.zeros(3), torch.zeros(4), "bf16")
 
 
-@pytest.mark.parametrize("spec", ["bfp(8)", "bfp(6,dim=1)", "bfp(6,dim=-3)", "bfp(5,block_size=4)", "bfp(5,dim=0,block_size=3)"])
+@pytest.mark.parametrize(
+    "spec", ["bfp(8)", "bfp(6,dim=1)", "bfp(6,dim=-3)", "bfp(5,block_size=4)", "bfp(5,dim=0,block_size=3)"]
+)
 def test_block_limits_from_block_maxima_match_the_reference_per_element(spec):
     from lightning_lowp.metrics import _block_limit
     from lightning_lowp.reference import block_range
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, 7, generator=g) * torch.rand(6, 5, 7, generator=g) ** 4 * 2.0 ** torch.randint(-20, 20, (6, 5, 7), generator=g)
+    x = (
+        torch.randn(6, 5, 7, generator=g)
+        * torch.rand(6, 5, 7, generator=g) ** 4
+        * 2.0 ** torch.randint(-20, 20, (6, 5, 7), generator=g)
+    )
     x[0, 0, 0], x[1, 2, 3] = float("inf"), float("nan")
     x[:, 4] = 0.0  # all-zero blocks along dim 1
     fmt = lp.parse_format(spec)

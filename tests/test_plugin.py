@@ -140,9 +140,13 @@ def test_reproduces_the_seed_lp_net_with_optimlp_step_for_step():
     # the same with an unmodified model, the plugin and the callback picked by name
     for steps in (1, len(data)):
         module = Module(copy.deepcopy(base))
-        fit(module, data[:steps], plugins=[lp.LowPrecision.from_name("fixed8")],
-            callbacks=[lp.QuantizeActivations.from_name("fixed8")])
-        for got, want in zip(bits(module.net), snapshots[steps - 1]):
+        fit(
+            module,
+            data[:steps],
+            plugins=[lp.LowPrecision.from_name("fixed8")],
+            callbacks=[lp.QuantizeActivations.from_name("fixed8")],
+        )
+        for got, want in zip(bits(module.net), snapshots[steps - 1], strict=False):
             assert torch.equal(got, want), f"differs from the seed after {steps} steps"
 
 
@@ -153,23 +157,30 @@ def on_grid(t, fmt):
 def test_any_optimizer_state_is_quantized_and_weights_stay_on_the_grid():
     torch.manual_seed(0)
     module = Module(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10)), optimizer="adam")
-    plugin = lp.LowPrecision(weight="fixed(8,5)", grad="fixed(8,8)", momentum="float(5,3)", acc="bf16",
-                             grad_rounding="stochastic")
+    plugin = lp.LowPrecision(
+        weight="fixed(8,5)",
+        grad="fixed(8,8)",
+        optimizer_state="float(5,3)",
+        master_weight="bf16",
+        grad_rounding="stochastic",
+    )
     trainer = fit(module, batches(shape=(16,)), plugins=[plugin])
     optimizer = trainer.optimizers[0]
     for p in module.parameters():
         assert on_grid(p.detach(), "fixed(8,5)")
         state = optimizer.state[p]
-        assert on_grid(state["exp_avg"], "float(5,3)") and on_grid(state["exp_avg_sq"], "float(5,3)")
+        assert on_grid(state["exp_avg"], "float(5,3)")
+        assert on_grid(state["exp_avg_sq"], "float(5,3)")
         assert state["exp_avg"].abs().sum() > 0
-        assert on_grid(plugin._accumulators[p], "bf16")
+        assert on_grid(plugin._master_weights[p], "bf16")
     assert isinstance(trainer.precision_plugin, lp.LowPrecision)
 
 
 def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     def plugin():
-        return lp.LowPrecision.from_name("bfp8", grad_rounding="stochastic", weight_rounding="stochastic",
-                                         acc=lp.FloatingPoint(8, 10))
+        return lp.LowPrecision.from_name(
+            "bfp8", grad_rounding="stochastic", weight_rounding="stochastic", master_weight=lp.FloatingPoint(8, 10)
+        )
 
     data = batches(n=3, shape=(16,))  # 3 steps an epoch; the checkpoint is taken after epoch 1
     torch.manual_seed(0)
@@ -187,11 +198,11 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     resumed = Module(copy.deepcopy(net))
     fit(resumed, data, plugins=[plugin()], max_epochs=2, ckpt_path=tmp_path / "half.ckpt")
 
-    assert not all(torch.equal(a, b) for a, b in zip(bits(first), bits(straight)))  # training moved on
-    for a, b in zip(bits(resumed), bits(straight)):
+    assert not all(torch.equal(a, b) for a, b in zip(bits(first), bits(straight), strict=False))  # training moved on
+    for a, b in zip(bits(resumed), bits(straight), strict=False):
         assert torch.equal(a, b)
     ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
-    assert set(ckpt["LowPrecision"]["accumulators"]) == {n for n, _ in first.named_parameters()}
+    assert set(ckpt["LowPrecision"]["master_weights"]) == {n for n, _ in first.named_parameters()}
 
 
 def test_stochastic_rounding_differs_between_seeds_and_repeats_under_one():
@@ -205,8 +216,8 @@ def test_stochastic_rounding_differs_between_seeds_and_repeats_under_one():
         return bits(module)
 
     a, b, c = run(1), run(1), run(2)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=False))
 
 
 def test_bad_configurations_fail_before_training():
@@ -221,8 +232,11 @@ def test_bad_configurations_fail_before_training():
     with pytest.raises(ValueError, match="does not parse"):
         lp.LowPrecision(weight="bfp(8")
     with pytest.raises(ValueError, match="LBFGS"):
-        fit(Module(nn.Sequential(nn.Linear(16, 10)), optimizer="lbfgs"), batches(n=1, shape=(16,)),
-            plugins=[lp.LowPrecision(weight="bf16")])
+        fit(
+            Module(nn.Sequential(nn.Linear(16, 10)), optimizer="lbfgs"),
+            batches(n=1, shape=(16,)),
+            plugins=[lp.LowPrecision(weight="bf16")],
+        )
 
 
 def test_grad_scale_multiplies_before_quantizing():
@@ -240,12 +254,12 @@ def test_grad_scale_multiplies_before_quantizing():
     x, y = data[0]
     F.cross_entropy(ref(x), y).backward()
     fit(module, data, plugins=[lp.LowPrecision(grad="fixed(12,10)", grad_scale=8.0)], callbacks=[Grab()])
-    for got, p in zip(seen["grad"], ref.parameters()):
+    for got, p in zip(seen["grad"], ref.parameters(), strict=False):
         assert torch.equal(got, lp.quantize(p.grad * 8.0, "fixed(12,10)"))
 
 
 def test_a_step_is_one_multi_tensor_call_per_role_and_allocates_nothing(monkeypatch):
-    """After the first step (which allocates the accumulators), the plugin's work around a step
+    """After the first step (which allocates the master weights), the plugin's work around a step
     is one quantize_foreach_ call per role over all parameters, and allocates no tensor."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -265,17 +279,20 @@ def test_a_step_is_one_multi_tensor_call_per_role_and_allocates_nothing(monkeypa
         optimizer.step()
         plugin._after_step(optimizer, params)
 
-    step()  # creates the accumulators and the momentum buffers
+    step()  # creates the master weights and the momentum buffers
     calls = []
     real = plugins.quantize_foreach_
-    monkeypatch.setattr(plugins, "quantize_foreach_", lambda tensors, *a, **k: calls.append(len(tensors)) or real(tensors, *a, **k))
+    monkeypatch.setattr(
+        plugins, "quantize_foreach_", lambda tensors, *a, **k: calls.append(len(tensors)) or real(tensors, *a, **k)
+    )
     monkeypatch.setattr(lp.functional, "quantize_", lambda *a, **k: pytest.fail("per-tensor quantize_ call"))
     step()
-    assert calls == [len(params)] * 4  # grads, accumulators, weights, momentum buffers
+    assert calls == [len(params)] * 4  # grads, master weights, weights, momentum buffers
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         plugin._before_step(params)
         plugin._after_step(optimizer, params)
     allocated = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocated == []
     for p in params:
-        assert on_grid(p.detach(), "bfp(8)") and on_grid(plugin._accumulators[p], "bf16")
+        assert on_grid(p.detach(), "bfp(8)")
+        assert on_grid(plugin._master_weights[p], "bf16")

@@ -16,9 +16,14 @@ def bits(t: torch.Tensor) -> list:
 
 # Known answers, worked out by hand from the definitions in DESIGN.md.
 @pytest.mark.parametrize(
-    "fmt, rounding, x, expected",
+    ("fmt", "rounding", "x", "expected"),
     [
-        ("fixed(8,7)", "nearest", [0.5, 2.0, -2.0, 1.0, -1.0, 0.00390625], [0.5, 127 / 128, -1.0, 127 / 128, -1.0, 0.0]),
+        (
+            "fixed(8,7)",
+            "nearest",
+            [0.5, 2.0, -2.0, 1.0, -1.0, 0.00390625],
+            [0.5, 127 / 128, -1.0, 127 / 128, -1.0, 0.0],
+        ),
         ("fixed(8,7,symmetric=true)", "nearest", [-5.0], [-127 / 128]),
         ("fixed(8,7,clamp=false)", "nearest", [5.0078125, 300.0], [5.0078125, 300.0]),
         ("fixed(4,0)", "nearest", [0.5, 1.5, 2.5, -2.5, INF, -INF], [0.0, 2.0, 2.0, -2.0, 7.0, -8.0]),
@@ -74,14 +79,16 @@ def test_layout_is_preserved_and_values_match_contiguous(fmt, layout):
     base = torch.randn(2, 3, 5, 7)
     x = make(base)
     out = lp.quantize(x, fmt)
-    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.shape == x.shape
+    assert out.dtype == x.dtype
     if layout != "sliced":  # dense layouts are kept as they are
         assert out.stride() == x.stride()
     assert torch.equal(out, lp.quantize(x.contiguous(), fmt))
     storage = base.clone()
     inplace = make(storage)
     assert lp.quantize_(inplace, fmt) is inplace
-    assert inplace.stride() == x.stride() and torch.equal(inplace, out)
+    assert inplace.stride() == x.stride()
+    assert torch.equal(inplace, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -119,10 +126,12 @@ def test_more_than_2_to_the_31_elements():
     n = 2**31 + 3
     x = torch.full((n,), 0.3, dtype=torch.float16)
     lp.quantize_(x, "fixed(4,2)")
-    assert x[:4].tolist() == [0.25] * 4 and x[-4:].tolist() == [0.25] * 4
+    assert x[:4].tolist() == [0.25] * 4
+    assert x[-4:].tolist() == [0.25] * 4
     x[-1] = 600.0
     lp.quantize_(x, "bfp(3)")  # the block max sits past index 2^31: E=9, step 256
-    assert x[0].item() == 0.0 and x[-1].item() == 512.0
+    assert x[0].item() == 0.0
+    assert x[-1].item() == 512.0
 
 
 def test_quantizer_quantizes_value_forward_and_gradient_backward():
@@ -197,8 +206,9 @@ def test_quantize_foreach_matches_quantize_on_each_tensor_in_turn(fmt, rounding)
     lp.quantize_foreach_(in_place, fmt, rounding, torch.Generator().manual_seed(11))
     out = [torch.full_like(t, math.nan) for t in tensors]
     lp.quantize_foreach_(out, fmt, rounding, torch.Generator().manual_seed(11), sources=tensors)
-    for e, a, o in zip(expected, in_place, out):
-        assert torch.equal(a, e) and torch.equal(o, e)
+    for e, a, o in zip(expected, in_place, out, strict=False):
+        assert torch.equal(a, e)
+        assert torch.equal(o, e)
     assert not torch.equal(in_place[0], tensors[0])  # something was rounded
 
 

@@ -78,6 +78,7 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, what
                 x.detach().cpu().float().flatten()[idx].view(torch.int32).tolist(),
                 g.flatten()[idx].tolist(),
                 e.flatten()[idx].tolist(),
+                strict=False,
             )
         ]
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ\n  " + "\n  ".join(rows))
@@ -107,7 +108,7 @@ def fixed_formats(draw):
 @st.composite
 def float_formats(draw):
     if draw(st.integers(0, 3)) == 0:
-        return draw(st.sampled_from([f for f in PRESETS.values()]))
+        return draw(st.sampled_from(list(PRESETS.values())))
     specials = draw(st.sampled_from(["ieee", "fn", "none"]))
     # exp=8 without Inf codes reaches past float32's range and is refused by FloatingPoint.
     exp = draw(st.integers(2 if specials == "ieee" else 1, 8 if specials == "ieee" else 7))
@@ -134,7 +135,7 @@ float32_values = st.one_of(
 
 def fixed_adversarial(fmt: FixedPoint, rng: np.random.Generator) -> torch.Tensor:
     q, top = 2.0**-fmt.fl, 2 ** (fmt.wl - 1)
-    ks = np.array([0, 1, 2, 3, top - 2, top - 1, top, top + 1, 2 * top] + list(rng.integers(0, top + 1, 16)))
+    ks = np.array([0, 1, 2, 3, top - 2, top - 1, top, top + 1, 2 * top, *list(rng.integers(0, top + 1, 16))])
     ks = ks[ks >= 0]
     return with_neighbours(f32(ties_around(ks * q, q)))
 
@@ -142,7 +143,11 @@ def fixed_adversarial(fmt: FixedPoint, rng: np.random.Generator) -> torch.Tensor
 def float_adversarial(fmt: FloatingPoint, rng: np.random.Generator) -> torch.Tensor:
     emin, man = fmt.emin, fmt.man
     top = math.floor(math.log2(fmt.max_value))  # binade of the largest finite value
-    exps = sorted(set(range(emin - man - 3, emin + 3)) | set(range(top - 2, top + 3)) | set(rng.integers(emin, top + 1, 6).tolist()))
+    exps = sorted(
+        set(range(emin - man - 3, emin + 3))
+        | set(range(top - 2, top + 3))
+        | set(rng.integers(emin, top + 1, 6).tolist())
+    )
     points, steps = [], []
     for e in exps:
         q = 2.0 ** (max(e, emin) - man)
@@ -151,7 +156,14 @@ def float_adversarial(fmt: FloatingPoint, rng: np.random.Generator) -> torch.Ten
             points.append(2.0**e * (1 + j / 2**man) if e >= emin else j * q)
             steps.append(q)
     qtop = 2.0 ** (top - man)
-    extra = [fmt.max_value, fmt.max_value + qtop / 2, fmt.max_value + qtop, 2.0 ** (top + 1), 2.0**emin, 2.0 ** (emin - 1)]
+    extra = [
+        fmt.max_value,
+        fmt.max_value + qtop / 2,
+        fmt.max_value + qtop,
+        2.0 ** (top + 1),
+        2.0**emin,
+        2.0 ** (emin - 1),
+    ]
     values = np.concatenate([ties_around(points, steps), extra])
     return with_neighbours(f32(values[np.abs(values) < 2.0**129]))
 
@@ -160,7 +172,7 @@ def block_rows(wl: int, rng: np.random.Generator, cols: int = 12) -> torch.Tenso
     """Rows meant as blocks: a chosen maximum, then ties/neighbours on that block's grid;
     plus an all-zero row (with -0), rows holding Inf/NaN, an all -Inf row but one 0, and NaN among zeros."""
     rows = []
-    exps = [-149, -140, -127, -126, -125, -1, 0, 1, 20, 126, 127] + rng.integers(-149, 128, 3).tolist()
+    exps = [-149, -140, -127, -126, -125, -1, 0, 1, 20, 126, 127, *rng.integers(-149, 128, 3).tolist()]
     for e in exps:
         q = 2.0 ** (e - wl + 2)
         vmax = 2.0 ** (e + 1) - q
@@ -173,7 +185,9 @@ def block_rows(wl: int, rng: np.random.Generator, cols: int = 12) -> torch.Tenso
             frac = rng.choice([0.0, 0.25, 0.5, 0.75], cols - 1)
             vals = f32(np.minimum((ks + frac) * q, m32)).numpy()
             with np.errstate(over="ignore"):
-                nudged = np.where(rng.random(cols - 1) < 0.3, np.nextafter(vals, np.float32(rng.choice([-1, 1]) * np.inf)), vals)
+                nudged = np.where(
+                    rng.random(cols - 1) < 0.3, np.nextafter(vals, np.float32(rng.choice([-1, 1]) * np.inf)), vals
+                )
             signs = rng.choice([-1.0, 1.0], cols)
             row = np.concatenate([[m32], np.minimum(np.abs(nudged), m32)]) * signs
             rows.append(row)
@@ -194,14 +208,24 @@ def block_rows(wl: int, rng: np.random.Generator, cols: int = 12) -> torch.Tenso
 
 
 @SETTINGS
-@given(fmt=fixed_formats(), rounding=rounding_modes, xs=st.lists(float32_values, min_size=1, max_size=48), seed=st.integers(0, 2**32 - 1))
+@given(
+    fmt=fixed_formats(),
+    rounding=rounding_modes,
+    xs=st.lists(float32_values, min_size=1, max_size=48),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fixed_point_matches_reference(fmt, rounding, xs, seed):
     rng = np.random.default_rng(seed)
     check(torch.cat([f32(xs), fixed_adversarial(fmt, rng)]), fmt, rounding, seed)
 
 
 @SETTINGS
-@given(fmt=float_formats(), rounding=rounding_modes, xs=st.lists(float32_values, min_size=1, max_size=48), seed=st.integers(0, 2**32 - 1))
+@given(
+    fmt=float_formats(),
+    rounding=rounding_modes,
+    xs=st.lists(float32_values, min_size=1, max_size=48),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_floating_point_matches_reference(fmt, rounding, xs, seed):
     rng = np.random.default_rng(seed)
     check(torch.cat([f32(xs), float_adversarial(fmt, rng)]), fmt, rounding, seed)
@@ -379,7 +403,7 @@ def test_stochastic_counters_follow_memory_order():
 
 
 def test_empty_and_zero_dim():
-    for fmt in EVERY_KIND[:9] + ["bfp(6)", "bfp(6,dim=0)", "bfp(6,block_size=3)"]:
+    for fmt in [*EVERY_KIND[:9], "bfp(6)", "bfp(6,dim=0)", "bfp(6,block_size=3)"]:
         for rounding in ROUNDING_MODES:
             check(torch.tensor(-0.3), fmt, rounding)
             check(torch.empty(0, 3), fmt, rounding)
@@ -415,7 +439,12 @@ def decoded_values(fmt) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize(
     "fmt",
     [PRESETS[n] for n in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")]
-    + [FixedPoint(5, 2), FixedPoint(4, -1, symmetric=True), FloatingPoint(3, 2, subnormals=False), FloatingPoint(4, 1, specials="fn")],
+    + [
+        FixedPoint(5, 2),
+        FixedPoint(4, -1, symmetric=True),
+        FloatingPoint(3, 2, subnormals=False),
+        FloatingPoint(4, 1, specials="fn"),
+    ],
     ids=str,
 )
 def test_reference_picks_neighbours_from_decoded_codes(fmt):
@@ -447,7 +476,15 @@ def test_reference_picks_neighbours_from_decoded_codes(fmt):
     np.testing.assert_array_equal(ref["nearest_away"], away)
 
 
-@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp8_e5m2", torch.float8_e5m2), ("fp8_e4m3", torch.float8_e4m3fn)])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("fp8_e5m2", torch.float8_e5m2),
+        ("fp8_e4m3", torch.float8_e4m3fn),
+    ],
+)
 def test_reference_matches_torch_casts(name, dtype):
     rng = np.random.default_rng(1)
     x = torch.cat([from_bits(rng.integers(0, 2**32, 20000)), float_adversarial(PRESETS[name], rng)])
@@ -483,7 +520,7 @@ N_DRAWS = 2**16
 
 
 @pytest.mark.parametrize(
-    "fmt,value",
+    ("fmt", "value"),
     [
         ("fixed(8,4)", 0.3),
         ("fixed(8,4)", -2.71),
@@ -506,7 +543,8 @@ def test_stochastic_is_unbiased_between_neighbours(fmt, value):
     assert ((got == lo) | (got == hi)).all(), "only the two neighbours may appear"
     lo_v, hi_v = float(lo[0]), float(hi[0])
     assert lo_v < float(x[0]) < hi_v
-    assert (got == lo).any() and (got == hi).any()
+    assert (got == lo).any()
+    assert (got == hi).any()
     # P(hi) = p = floor((x - lo) / (hi - lo) * 2^32) / 2^32, so E[result] = x up to (hi - lo) * 2^-32.
     # The mean of n draws has standard error (hi - lo) * sqrt(p (1 - p) / n); we require
     # |mean - x| <= 6 standard errors (+ the 2^-32 bias), which a fair rounding fails with
@@ -539,7 +577,8 @@ def test_stochastic_threshold_is_exact(fmt):
     assert torch.equal(xt.double(), torch.from_numpy(x)), "the test values must be float32"
     got = lp.quantize(xt, fmt, "stochastic", generator=torch.Generator().manual_seed(5))
     assert_same(got, reference_quantize(xt, fmt, "stochastic", key=key), xt, fmt)
-    assert (got[stay] == 0).all() and (got[go] == 1).all()
+    assert (got[stay] == 0).all()
+    assert (got[go] == 1).all()
 
 
 def test_stochastic_reproducibility():
@@ -555,7 +594,8 @@ def test_stochastic_reproducibility():
     e = lp.quantize(x, "fixed(8,4)", "stochastic", generator=torch.Generator().manual_seed(123))
     f = lp.quantize(x, "fixed(8,4)", "stochastic", generator=torch.Generator().manual_seed(123))
     g = lp.quantize(x, "fixed(8,4)", "stochastic", generator=torch.Generator().manual_seed(124))
-    assert torch.equal(e, f) and not torch.equal(e, g)
+    assert torch.equal(e, f)
+    assert not torch.equal(e, g)
     # The default generator, re-seeded, draws the same key as a fresh generator with that seed.
     torch.manual_seed(123)
     assert torch.equal(reference_quantize(x, "fixed(8,4)", "stochastic"), e)

@@ -102,16 +102,21 @@ def seed_script() -> str:
 
 def test_extractor_finds_exactly_the_code_cells():
     cells = extract_cells(seed_path().read_text(encoding="utf-8"))
-    assert len(cells) == 15 and all(cells)
+    assert len(cells) == 15
+    assert all(cells)
     joined = "\n".join(cells)
     # outputs and prose are left out, magics dropped
     for text in ("100%|", "epoch 0\n", "{'loss'", "Record start time", "%matplotlib", "We now use"):
         assert text not in joined
-    assert cells[0].startswith("# import useful modules") and cells[0].endswith("from tqdm import tqdm")
-    assert cells[4].startswith("# let's define the model") and cells[4].endswith("return F.log_softmax(x, dim=1)")
-    assert cells[6].count("\n") == 29 and cells[6].endswith("}")  # run_epoch: 30 lines, blank lines inside kept
+    assert cells[0].startswith("# import useful modules")
+    assert cells[0].endswith("from tqdm import tqdm")
+    assert cells[4].startswith("# let's define the model")
+    assert cells[4].endswith("return F.log_softmax(x, dim=1)")
+    assert cells[6].count("\n") == 29
+    assert cells[6].endswith("}")
     assert cells[11] == "import numpy as np\nimport matplotlib\nimport matplotlib.pyplot as plt"
-    assert cells[12].endswith("print(res)") and "for wl in range(minp, maxp+1):" in cells[12]
+    assert cells[12].endswith("print(res)")
+    assert "for wl in range(minp, maxp+1):" in cells[12]
     assert cells[14] == 'print("Total execution time (s):", time.time() - start_time)'
     compile(seed_script(), "seed.py", "exec")
 
@@ -127,8 +132,16 @@ def _write_idx_subset(src: Path, dst: Path, count: int, header: int, item_bytes:
 
 
 def write_small_mnist(raw: Path) -> None:
-    missing = [n for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                           "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz") if not (FASHION / n).is_file()]
+    missing = [
+        n
+        for n in (
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        )
+        if not (FASHION / n).is_file()
+    ]
     if missing:
         pytest.fail(
             f"Fashion-MNIST is missing from {FASHION} ({', '.join(missing)}); install it with "
@@ -168,7 +181,8 @@ def test_seed_notebook_runs_on_the_compat_layer(tmp_path):
         results = [_DICT.match(lines[i + 1]), _DICT.match(lines[i + 2])]
         assert all(results), lines[i : i + 3]
         (train_loss, train_acc), (_, test_acc) = [map(float, m.groups()) for m in results]
-        assert 0.0 <= train_acc <= 100.0 and 0.0 <= test_acc <= 100.0
+        assert 0.0 <= train_acc <= 100.0
+        assert 0.0 <= test_acc <= 100.0
         train.append(train_loss)
     # Ten steps on the same batch: the float and the bfp(8) sections' training loss falls.
     assert train[9] < train[0] and train[19] < train[10], train[:20]

@@ -56,10 +56,13 @@ def test_lenet_learns_fashion_mnist_with_bfp8():
     (after,) = trainer.validate(model, datamodule=dm, verbose=False)
 
     assert dm.dataset_name == "fashion-mnist"
-    assert trainer.global_step == STEPS and len(recorder.losses) == STEPS
+    assert trainer.global_step == STEPS
+    assert len(recorder.losses) == STEPS
     first, last = sum(recorder.losses[:20]) / 20, sum(recorder.losses[-20:]) / 20
-    print(f"{STEPS} steps in {elapsed:.1f}s; loss {first:.3f} -> {last:.3f}; "
-          f"val loss {before['val/loss']:.3f} -> {after['val/loss']:.3f}, val acc {before['val/acc']:.3f} -> {after['val/acc']:.3f}")
+    print(
+        f"{STEPS} steps in {elapsed:.1f}s; loss {first:.3f} -> {last:.3f}; "
+        f"val loss {before['val/loss']:.3f} -> {after['val/loss']:.3f}, val acc {before['val/acc']:.3f} -> {after['val/acc']:.3f}"
+    )
     assert first > 1.5  # starts near chance (ln 10 = 2.30)
     assert last < 0.5 * first
     assert after["val/loss"] < 0.5 * before["val/loss"]
@@ -68,4 +71,5 @@ def test_lenet_learns_fashion_mnist_with_bfp8():
     for name, p in model.named_parameters():
         assert torch.equal(lp.quantize(p.detach(), "bfp(8)"), p.detach()), name
     # ... and so did the callback: the hooks are gone after the run.
-    assert not activations._handles and set(activations.hooked) == {"conv1", "conv2", "fc1", "fc2"}
+    assert not activations._handles
+    assert set(activations.hooked) == {"conv1", "conv2", "fc1", "fc2"}

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -102,13 +102,14 @@ class Number:
         return type(other) is type(self) and other._values() == self._values()
 
     def __hash__(self):
-        return hash((type(self).__name__,) + self._values())
+        return hash((type(self).__name__, *self._values()))
 
 
 class FixedPoint(Number):
     """QPyTorch's ``FixedPoint(wl, fl, clamp=True, symmetric=False)``: multiples of 2^-fl in
     [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (``symmetric``: from -2^(wl-fl-1) + 2^-fl); ``clamp=False``
-    keeps the grid only. ``wl`` 1..25 (float32 holds every such value exactly)."""
+    keeps the grid only. ``wl`` 1..25 (float32 holds every such value exactly).
+    """
 
     _fields = ("wl", "fl", "clamp", "symmetric")
 
@@ -128,7 +129,8 @@ class FixedPoint(Number):
 class FloatingPoint(Number):
     """QPyTorch's ``FloatingPoint(exp, man)``: bias 2^(exp-1)-1, IEEE exponent range and
     subnormals, no Inf/NaN codes (overflow and +-Inf saturate to +-max). ``exp`` 2..8 (QPyTorch's
-    exp=1 has no normal numbers), ``man`` 0..23."""
+    exp=1 has no normal numbers), ``man`` 0..23.
+    """
 
     _fields = ("exp", "man")
 
@@ -151,7 +153,8 @@ class BlockFloatingPoint(Number):
     """QPyTorch's ``BlockFloatingPoint(wl, dim=-1)``: each block shares the exponent
     E = floor(log2 max|x|) of its largest finite magnitude and holds multiples of 2^(E-wl+2) up to
     +-(2^(E+1) - 2^(E-wl+2)). ``dim=-1``: the whole tensor is one block; ``dim=d >= 0``: one
-    exponent per index along d. ``wl`` 1..25."""
+    exponent per index along d. ``wl`` 1..25.
+    """
 
     _fields = ("wl", "dim")
 
@@ -171,7 +174,7 @@ class BlockFloatingPoint(Number):
     __str__ = __repr__
 
 
-def _check_number(number, argument: str) -> Optional[Number]:
+def _check_number(number, argument: str) -> Number | None:
     if number is not None and not isinstance(number, Number):
         raise ValueError(
             f"{argument} must be a FixedPoint, FloatingPoint or BlockFloatingPoint (from "
@@ -203,7 +206,8 @@ def block_quantize(x, wl, dim=-1, rounding="stochastic"):
 
 def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str):
     """Clamped fixed-point rounding and the mask of the elements whose rounded value was
-    outside the range (QPyTorch's ``fixed_point_quantize_*_mask``)."""
+    outside the range (QPyTorch's ``fixed_point_quantize_*_mask``).
+    """
     fmt = number.to_lowp()
     q = _quantize(x.float(), dataclasses.replace(fmt, clamp=False), rounding)
     step = 2.0**-fmt.fl
@@ -215,8 +219,8 @@ def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    forward: Optional[Number]
-    backward: Optional[Number]
+    forward: Number | None
+    backward: Number | None
     forward_rounding: str  # lightning_lowp modes
     backward_rounding: str
     clamping_grad_zero: bool
@@ -270,8 +274,10 @@ def quantizer(
     _check_rounding(backward_rounding, "backward_rounding")
     if not isinstance(clamping_grad_zero, bool):
         raise ValueError(f"clamping_grad_zero must be True or False, got {clamping_grad_zero!r}")
-    if clamping_grad_zero and forward_number is not None and not (
-        isinstance(forward_number, FixedPoint) and forward_number.clamp
+    if (
+        clamping_grad_zero
+        and forward_number is not None
+        and not (isinstance(forward_number, FixedPoint) and forward_number.clamp)
     ):
         raise ValueError(
             "clamping_grad_zero=True needs forward_number to be a FixedPoint with clamp=True (or None), "
@@ -358,8 +364,12 @@ class OptimLP(Optimizer):
                 f"optim must be a torch.optim.SGD or torch.optim.Adam (or AdamW) instance, got {type(optim).__name__} "
                 "(QPyTorch's OptimLP supports these; lightning_lowp.LowPrecision handles any optimizer)"
             )
-        for name, fn in (("weight_quant", weight_quant), ("grad_quant", grad_quant),
-                         ("momentum_quant", momentum_quant), ("acc_quant", acc_quant)):
+        for name, fn in (
+            ("weight_quant", weight_quant),
+            ("grad_quant", grad_quant),
+            ("momentum_quant", momentum_quant),
+            ("acc_quant", acc_quant),
+        ):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be a function of a tensor (e.g. a Quantizer) or None, got {fn!r}")
         if (
@@ -438,7 +448,7 @@ class OptimLP(Optimizer):
             params = self._params()
             if len(accs) != len(params):
                 raise ValueError(f"state_dict holds {len(accs)} accumulators for {len(params)} parameters")
-            for p, acc in zip(params, accs):
+            for p, acc in zip(params, accs, strict=False):
                 self.weight_acc[p] = acc.detach().to(device=p.device, dtype=p.dtype).clone()
 
     def __repr__(self):
