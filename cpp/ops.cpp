@@ -14,53 +14,75 @@
 #include <optional>
 
 #include "quantize.h"
+#include "vocabulary.h"
 
 namespace lowp {
 namespace {
 
+// The operators can be called directly (torch.ops.lowp.*), bypassing lightning_lowp.functional's
+// checks, so every parameter is range-checked here too: out of range, the bit arithmetic of
+// the kernels would be undefined.
+void check_param(const char* kind, const char* name, int64_t value, int64_t lo, int64_t hi) {
+  TORCH_CHECK_VALUE(lo <= value && value <= hi, "lowp::quantize: ", kind, " parameter ", name, "=", value,
+                    " is out of range; accepted: ", lo, "..", hi);
+}
+
 FormatParams format_params(int64_t kind, at::IntArrayRef a) {
   FormatParams p{};
+  TORCH_CHECK_VALUE(kind >= 0 && kind < static_cast<int64_t>(count_of(kKindNames)),
+                    "lowp::quantize: kind must be 0 (fixed), 1 (float) or 2 (block), got ", kind);
   p.kind = static_cast<Kind>(kind);
   const float inf = std::numeric_limits<float>::infinity();
   switch (p.kind) {
-    case Kind::Fixed: {  // [wl, fl, clamp, symmetric]
-      TORCH_CHECK(a.size() == 4, "lowp::quantize: fixed point takes [wl, fl, clamp, symmetric]");
-      const double step = std::ldexp(1.0, static_cast<int>(-a[1]));
-      const double top = std::ldexp(1.0, static_cast<int>(a[0] - 1));
-      p.e_q = static_cast<int>(-a[1]);
-      p.max_pos = a[2] ? static_cast<float>((top - 1) * step) : inf;
-      p.max_neg = a[2] ? static_cast<float>((a[3] ? top - 1 : top) * step) : inf;
+    case Kind::Fixed: {
+      TORCH_CHECK_VALUE(a.size() == kFixedParamCount, "lowp::quantize: fixed point takes [wl, fl, clamp, symmetric]");
+      check_param("fixed", "wl", a[kFixedWl], 1, 25);
+      check_param("fixed", "fl", a[kFixedFl], a[kFixedWl] - 128, 149);
+      check_param("fixed", "clamp", a[kFixedClamp], 0, 1);
+      check_param("fixed", "symmetric", a[kFixedSymmetric], 0, 1);
+      const double step = std::ldexp(1.0, static_cast<int>(-a[kFixedFl]));
+      const double top = std::ldexp(1.0, static_cast<int>(a[kFixedWl] - 1));
+      p.e_q = static_cast<int>(-a[kFixedFl]);
+      p.max_pos = a[kFixedClamp] ? static_cast<float>((top - 1) * step) : inf;
+      p.max_neg = a[kFixedClamp] ? static_cast<float>((a[kFixedSymmetric] ? top - 1 : top) * step) : inf;
       p.overflow_inf = false;
       break;
     }
-    case Kind::Float: {  // [exp, man, subnormals, specials (0 ieee, 1 fn, 2 none), overflow (0 inf, 1 saturate)]
-      TORCH_CHECK(a.size() == 5, "lowp::quantize: floating point takes [exp, man, subnormals, specials, overflow]");
-      const int exp = static_cast<int>(a[0]), man = static_cast<int>(a[1]);
+    case Kind::Float: {
+      TORCH_CHECK_VALUE(a.size() == kFloatParamCount,
+                        "lowp::quantize: floating point takes [exp, man, subnormals, specials, overflow]");
+      check_param("float", "exp", a[kFloatExp], 1, 8);
+      check_param("float", "man", a[kFloatMan], 0, 23);
+      check_param("float", "subnormals", a[kFloatSubnormals], 0, 1);
+      check_param("float", "specials", a[kFloatSpecials], 0, count_of(kSpecialsNames) - 1);
+      check_param("float", "overflow", a[kFloatOverflow], 0, count_of(kOverflowNames) - 1);
+      const int exp = static_cast<int>(a[kFloatExp]), man = static_cast<int>(a[kFloatMan]);
+      const auto specials = static_cast<Specials>(a[kFloatSpecials]);
       const int bias = (1 << (exp - 1)) - 1;
       const int top = (1 << exp) - 1 - bias;  // exponent of the all-ones exponent code
       double max_value;
-      if (a[3] == 0) {
+      if (specials == Specials::Ieee) {
         max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top - 1);
-      } else if (a[3] == 1) {  // the all-ones code is NaN
+      } else if (specials == Specials::Fn) {  // the all-ones code is NaN
         max_value = man == 0 ? std::ldexp(1.0, top - 1) : std::ldexp(2.0 - std::ldexp(1.0, 1 - man), top);
       } else {
         max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top);
       }
       p.emin = 1 - bias;
       p.man = man;
-      p.subnormals = a[2] != 0;
+      p.subnormals = a[kFloatSubnormals] != 0;
       p.max_pos = p.max_neg = static_cast<float>(max_value);
-      p.overflow_inf = a[4] == 0;
+      p.overflow_inf = static_cast<Overflow>(a[kFloatOverflow]) == Overflow::Inf;
       break;
     }
-    case Kind::Block: {  // [wl, dim, block_size]
-      TORCH_CHECK(a.size() == 3, "lowp::quantize: block floating point takes [wl, dim, block_size]");
-      p.wl = static_cast<int>(a[0]);
+    case Kind::Block: {
+      TORCH_CHECK_VALUE(a.size() == kBlockParamCount, "lowp::quantize: block floating point takes [wl, dim, block_size]");
+      check_param("block", "wl", a[kBlockWl], 1, 25);
+      check_param("block", "block_size", a[kBlockSize], 0, std::numeric_limits<int32_t>::max());
+      p.wl = static_cast<int>(a[kBlockWl]);
       p.overflow_inf = false;
       break;
     }
-    default:
-      TORCH_CHECK(false, "lowp::quantize: kind must be 0 (fixed), 1 (float) or 2 (block), got ", kind);
   }
   return p;
 }
@@ -130,7 +152,7 @@ void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntAr
   at::Tensor src = x;
   int64_t moved_from = -1;
   if (p.kind == Kind::Block) {
-    const int64_t dim = params[1], block_size = params[2];
+    const int64_t dim = params[kBlockDim], block_size = params[kBlockSize];
     const bool whole = dim == -1 && block_size == 0;
     int64_t d = x.dim() == 0 ? 0 : at::maybe_wrap_dim(dim, x.dim());
     if (x.dim() == 0) {
@@ -209,6 +231,17 @@ TORCH_LIBRARY_IMPL(lowp, CUDA, m) {
 
 }  // namespace lowp
 
+namespace {
+
+template <size_t N>
+pybind11::tuple names(const char* const (&list)[N]) {
+  pybind11::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = pybind11::str(list[i]);
+  return t;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lightning_lowp kernels; the operators live in torch.ops.lowp";
 #ifdef LOWP_WITH_CUDA
@@ -216,4 +249,14 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  // The shared vocabulary (vocabulary.h): each value's name, in the order of its number.
+  m.attr("ROUNDING_MODES") = names(lowp::kRoundingNames);
+  m.attr("FORMAT_KINDS") = names(lowp::kKindNames);
+  m.attr("SPECIALS") = names(lowp::kSpecialsNames);
+  m.attr("OVERFLOWS") = names(lowp::kOverflowNames);
+  pybind11::dict params;
+  params["fixed"] = names(lowp::kFixedParamNames);
+  params["float"] = names(lowp::kFloatParamNames);
+  params["block"] = names(lowp::kBlockParamNames);
+  m.attr("FORMAT_PARAMS") = params;
 }

@@ -2,7 +2,7 @@
 
 Number formats (fixed point, custom floats, block floating point, FP8), exact rounding
 kernels in C++/CUDA, their functional and autograd API, recipes, and Lightning callbacks.
-See README.md.
+See README.md and docs/.
 """
 
 from lightning_lowp.autograd import Quantizer, quantizer
@@ -15,6 +15,7 @@ from lightning_lowp.formats import (
     FixedPoint,
     FloatingPoint,
     Format,
+    FormatLike,
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Format",
+    "FormatLike",
     "FixedPoint",
     "FloatingPoint",
     "BlockFloatingPoint",

@@ -5,16 +5,19 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
-from lightning_lowp.autograd import _formats, _Quantize
-from lightning_lowp.recipes import FormatLike, get_recipe
+from lightning_lowp.autograd import QuantizeFunction, resolve_formats
+from lightning_lowp.formats import Format, FormatLike
+from lightning_lowp.recipes import get_recipe
 
-__all__ = ["QuantizeActivations", "DEFAULT_MODULES"]
+__all__ = ["QuantizeActivations", "ActivationSettings", "DEFAULT_MODULES"]
 
 #: The layers the seed notebook quantizes after: convolutions, linear layers, pooling.
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (
@@ -36,14 +39,39 @@ DEFAULT_MODULES: tuple[type[nn.Module], ...] = (
 _OVERRIDE_KEYS = ("forward", "backward", "forward_rounding", "backward_rounding")
 
 
+class ActivationSettings(NamedTuple):
+    """How one module's output is quantized: the format and rounding of each direction."""
+
+    forward: Format | None
+    backward: Format | None
+    forward_rounding: str
+    backward_rounding: str
+
+    @classmethod
+    def resolve(
+        cls,
+        forward: FormatLike | None,
+        backward: FormatLike | None,
+        forward_rounding: str,
+        backward_rounding: str,
+    ) -> ActivationSettings:
+        """Validated settings, spec strings parsed (see :func:`lightning_lowp.autograd.resolve_formats`)."""
+        fwd, bwd = resolve_formats(forward, backward, forward_rounding, backward_rounding)
+        return cls(fwd, bwd, forward_rounding, backward_rounding)
+
+
 class QuantizeActivations(pl.Callback):
-    """Quantizes the output of selected modules (activations) in the forward pass, and the
-    gradient flowing back into that output (errors) in the backward pass.
+    """Quantize the outputs of selected modules (activations) and the gradients into them (errors).
+
+    Hooks are attached when fit, validate, test or predict starts and removed when it ends
+    (also after an error). The selection is checked then, before any step runs.
 
     Args:
-        forward, backward: formats (objects or spec strings) of activations and errors;
-            ``None`` leaves that direction in float32.
-        forward_rounding, backward_rounding: rounding modes.
+        forward: the format (object or spec string) of activations; ``None`` leaves them in float32.
+        backward: the format of errors, the gradients flowing back into the outputs; ``None``
+            leaves them in float32.
+        forward_rounding: the rounding mode of activations.
+        backward_rounding: the rounding mode of errors.
         modules: module types to hook (default: convolutions, linear layers, pooling);
             ``None`` selects every module (then narrow with ``names`` or ``predicate``).
         names: fnmatch patterns of qualified module names (``"features.*"``); a module is
@@ -56,23 +84,23 @@ class QuantizeActivations(pl.Callback):
         recipe: take forward/backward formats and roundings from a registered recipe
             (the same as ``from_name``; handy in YAML configs).
 
-    Hooks are attached when fit, validate, test or predict starts and removed when it ends
-    (also after an error). The selection is checked then, before any step runs.
+    Example:
+        >>> trainer = L.Trainer(callbacks=[lp.QuantizeActivations.from_name("bfp8")])
     """
 
     def __init__(
         self,
-        forward: FormatLike = None,
-        backward: FormatLike = None,
+        forward: FormatLike | None = None,
+        backward: FormatLike | None = None,
         forward_rounding: str = "nearest",
         backward_rounding: str = "nearest",
         modules: Sequence[type[nn.Module]] | None = DEFAULT_MODULES,
         names: Sequence[str] | None = None,
         predicate: Callable[[str, nn.Module], bool] | None = None,
-        overrides: Mapping[str, Mapping[str, object]] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
         quantize_eval: bool = True,
         recipe: str | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if recipe is not None:
             if (forward, backward, forward_rounding, backward_rounding) != (None, None, "nearest", "nearest"):
@@ -80,7 +108,7 @@ class QuantizeActivations(pl.Callback):
             r = get_recipe(recipe)
             forward, backward = r.activation, r.error
             forward_rounding, backward_rounding = r.activation_rounding, r.error_rounding
-        self.settings = self._settings(forward, backward, forward_rounding, backward_rounding)
+        self.settings = ActivationSettings.resolve(forward, backward, forward_rounding, backward_rounding)
         if modules is not None:
             modules = tuple(modules)
             bad = [m for m in modules if not (isinstance(m, type) and issubclass(m, nn.Module))]
@@ -91,33 +119,33 @@ class QuantizeActivations(pl.Callback):
         self.module_types = modules
         self.names = list(names) if names is not None else None
         self.predicate = predicate
-        self.overrides = {}
+        self.overrides: dict[str, ActivationSettings] = {}
         for pattern, settings in (overrides or {}).items():
             unknown = set(settings) - set(_OVERRIDE_KEYS)
             if unknown:
                 raise ValueError(
                     f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; accepted: {', '.join(_OVERRIDE_KEYS)}"
                 )
-            merged = {**dict(zip(_OVERRIDE_KEYS, self.settings, strict=False)), **settings}
-            self.overrides[pattern] = self._settings(*(merged[k] for k in _OVERRIDE_KEYS))
+            merged = {**self.settings._asdict(), **settings}
+            self.overrides[pattern] = ActivationSettings.resolve(**merged)
         self.quantize_eval = quantize_eval
         self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.hooked: dict[str, tuple] = {}
+        self.hooked: dict[str, ActivationSettings] = {}
 
     @classmethod
-    def from_name(cls, name: str, **kwargs) -> QuantizeActivations:
-        """The activation and error settings of a registered recipe (see ``lp.list_recipes()``)."""
-        return cls(recipe=name, **kwargs)
+    def from_name(cls, name: str, **kwargs: Any) -> QuantizeActivations:
+        """The activation and error settings of a registered recipe (see ``lp.list_recipes()``).
 
-    @staticmethod
-    def _settings(forward, backward, forward_rounding, backward_rounding) -> tuple:
-        forward, backward = _formats(forward, backward, forward_rounding, backward_rounding)
-        return forward, backward, forward_rounding, backward_rounding
+        Args:
+            name: a registered recipe's name.
+            **kwargs: further arguments of :class:`QuantizeActivations` (``modules``, ``names``, ...).
+        """
+        return cls(recipe=name, **kwargs)
 
     # ---- selection ------------------------------------------------------------------
 
-    def select(self, model: nn.Module) -> dict[str, tuple]:
+    def select(self, model: nn.Module) -> dict[str, ActivationSettings]:
         """The modules this callback hooks in ``model``, by name, with their settings."""
         named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
         for pattern in (self.names or []) + list(self.overrides):
@@ -126,7 +154,7 @@ class QuantizeActivations(pl.Callback):
                     f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
                     f"its modules are: {', '.join(n for n, _ in named) or '(none)'}"
                 )
-        selected = {}
+        selected: dict[str, ActivationSettings] = {}
         for name, module in named:
             if self.module_types is not None and not isinstance(module, self.module_types):
                 continue
@@ -135,15 +163,16 @@ class QuantizeActivations(pl.Callback):
             if self.predicate is not None and not self.predicate(name, module):
                 continue
             settings = self.settings
-            for pattern, override in self.overrides.items():
+            for pattern, per_module in self.overrides.items():
                 if fnmatch.fnmatchcase(name, pattern):
-                    settings = override
+                    settings = per_module
             selected[name] = settings
         return selected
 
     # ---- attaching and removing hooks -----------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
+        """Hook the selected modules of ``model`` (nothing happens when already attached)."""
         if self._handles:
             return
         self.hooked = self.select(model)
@@ -151,25 +180,24 @@ class QuantizeActivations(pl.Callback):
         for name, settings in self.hooked.items():
             self._handles.append(modules[name].register_forward_hook(self._hook(settings)))
         described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked) or "none"
-        fwd, bwd = self.settings[0], self.settings[1]
         rank_zero_info(
-            f"QuantizeActivations: forward={fwd}, backward={bwd}; hooked {len(self.hooked)} modules: {described}"
+            f"QuantizeActivations: forward={self.settings.forward}, backward={self.settings.backward}; "
+            f"hooked {len(self.hooked)} modules: {described}"
         )
 
     def detach(self) -> None:
+        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _hook(self, settings):
-        forward, backward, forward_rounding, backward_rounding = settings
-
-        def quantize_output(module, args, output):
+    def _hook(self, settings: ActivationSettings) -> Callable[[nn.Module, Any, Any], Any]:
+        def quantize_output(module: nn.Module, args: Any, output: Any) -> Any:
             if not self.enabled or (not module.training and not self.quantize_eval):
                 return output
             if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
                 return output
-            return _Quantize.apply(output, forward, backward, forward_rounding, backward_rounding, None)
+            return QuantizeFunction.apply(output, *settings, None)
 
         return quantize_output
 
@@ -182,20 +210,26 @@ class QuantizeActivations(pl.Callback):
         finally:
             self.enabled = previous
 
-    def on_fit_start(self, trainer, pl_module):
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module)
 
-    def on_validation_start(self, trainer, pl_module):
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module)
 
-    def on_test_start(self, trainer, pl_module):
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module)
 
-    def on_predict_start(self, trainer, pl_module):
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attach(pl_module)
 
-    def teardown(self, trainer, pl_module, stage):
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.detach()
 
-    def on_exception(self, trainer, pl_module, exception):
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.detach()

@@ -27,68 +27,108 @@ Spaces are ignored; names and keywords are case-insensitive.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
+from typing import Any, ClassVar
 
 __all__ = [
     "Format",
+    "FormatLike",
     "FixedPoint",
     "FloatingPoint",
     "BlockFloatingPoint",
     "ROUNDING_MODES",
+    "SPECIALS",
+    "OVERFLOWS",
     "PRESETS",
     "parse_format",
     "as_format",
     "check_rounding",
+    "check_int",
+    "check_bool",
 ]
 
 #: The six rounding modes of the numerics contract, in the order the kernels number them.
 ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
-
+#: What a float format's top exponent code means (``FloatingPoint.specials``).
 SPECIALS = ("ieee", "fn", "none")
-_FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
+#: What happens past a float format's largest finite value (``FloatingPoint.overflow``).
 OVERFLOWS = ("inf", "saturate")
+
+_FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
 
 
 def check_rounding(rounding: str, argument: str = "rounding") -> str:
+    """Return ``rounding`` if it is one of :data:`ROUNDING_MODES`.
+
+    Raises:
+        ValueError: naming ``argument`` and the accepted modes.
+    """
     if not isinstance(rounding, str) or rounding not in ROUNDING_MODES:
         raise ValueError(f"{argument}={rounding!r} is not a rounding mode; accepted: {', '.join(ROUNDING_MODES)}")
     return rounding
 
 
-def _check_int(name: str, value, lo: int, hi: int, what: str = "") -> None:
+def check_int(name: str, value: object, lo: int, hi: int, what: str = "") -> None:
+    """Check that argument ``name`` is an int (not a bool) in ``lo..hi``.
+
+    Raises:
+        ValueError: naming the argument and the accepted range (``what`` is appended to it).
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if not lo <= value <= hi:
         raise ValueError(f"{name}={value} is out of range; accepted: {lo}..{hi}{what}")
 
 
-def _check_bool(name: str, value) -> None:
+def check_bool(name: str, value: object) -> None:
+    """Check that argument ``name`` is ``True`` or ``False``.
+
+    Raises:
+        ValueError: naming the argument.
+    """
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 class Format:
-    """Base class of the number formats."""
+    """Base class of the number formats.
+
+    A subclass is a frozen dataclass that names its spec (``fixed(...)``), its positional spec
+    fields, and the kind of kernel it runs on with that kernel's parameters by name.
+    """
+
+    #: The name of the format in specs, as in ``fixed(8,7)``.
+    spec_name: ClassVar[str]
+    #: Fields written positionally in specs; the others are ``key=value``.
+    positional_names: ClassVar[tuple[str, ...]]
+    #: The kind of format the kernels know it as (``lightning_lowp._C.FORMAT_KINDS``).
+    kernel_kind: ClassVar[str]
+
+    def kernel_params(self) -> dict[str, int]:
+        """The kernel's parameters for this format, by the names in ``_C.FORMAT_PARAMS[kernel_kind]``."""
+        raise NotImplementedError
 
     def __str__(self) -> str:  # canonical spec; parse_format(str(fmt)) == fmt
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
+        positional = [str(getattr(self, n)) for n in self.positional_names]
         extra = [
             f"{f.name}={_spec_value(getattr(self, f.name))}"
-            for f in fields(self)
-            if f.name not in self._positional_names and getattr(self, f.name) != self._default(f)
+            for f in fields(self)  # type: ignore[arg-type]  # every subclass is a dataclass
+            if f.name not in self.positional_names and getattr(self, f.name) != self._default(f)
         ]
-        return f"{self._spec_name}({','.join([str(v) for v in self._positional()] + extra)})"
+        return f"{self.spec_name}({','.join(positional + extra)})"
 
-    def _positional(self):
-        return tuple(getattr(self, n) for n in self._positional_names)
-
-    def _default(self, field):
+    def _default(self, field: Field[Any]) -> Any:
         return field.default
 
 
-def _spec_value(v) -> str:
+#: A format object or a spec string, accepted wherever a format is.
+FormatLike = Format | str
+
+
+def _spec_value(v: object) -> str:
     if v is None:
         return "none"
     if isinstance(v, bool):
@@ -110,15 +150,19 @@ class FixedPoint(Format):
     clamp: bool = True
     symmetric: bool = False
 
-    _spec_name = "fixed"
-    _positional_names = ("wl", "fl")
+    spec_name: ClassVar[str] = "fixed"
+    positional_names: ClassVar[tuple[str, ...]] = ("wl", "fl")
+    kernel_kind: ClassVar[str] = "fixed"
 
-    def __post_init__(self):
-        _check_int("wl", self.wl, 1, 25, " (word length, sign included; float32 holds 25-bit fixed point exactly)")
+    def __post_init__(self) -> None:
+        check_int("wl", self.wl, 1, 25, " (word length, sign included; float32 holds 25-bit fixed point exactly)")
         # The grid step 2**-fl must be a float32 (>= 2**-149) and the range end finite.
-        _check_int("fl", self.fl, self.wl - 128, 149, f" for wl={self.wl} (step 2**-fl and range must fit float32)")
-        _check_bool("clamp", self.clamp)
-        _check_bool("symmetric", self.symmetric)
+        check_int("fl", self.fl, self.wl - 128, 149, f" for wl={self.wl} (step 2**-fl and range must fit float32)")
+        check_bool("clamp", self.clamp)
+        check_bool("symmetric", self.symmetric)
+
+    def kernel_params(self) -> dict[str, int]:
+        return {"wl": self.wl, "fl": self.fl, "clamp": int(self.clamp), "symmetric": int(self.symmetric)}
 
 
 @dataclass(frozen=True)
@@ -136,13 +180,14 @@ class FloatingPoint(Format):
     specials: str = "ieee"
     overflow: str | None = None
 
-    _spec_name = "float"
-    _positional_names = ("exp", "man")
+    spec_name: ClassVar[str] = "float"
+    positional_names: ClassVar[tuple[str, ...]] = ("exp", "man")
+    kernel_kind: ClassVar[str] = "float"
 
-    def __post_init__(self):
-        _check_int("exp", self.exp, 1, 8)
-        _check_int("man", self.man, 0, 23)
-        _check_bool("subnormals", self.subnormals)
+    def __post_init__(self) -> None:
+        check_int("exp", self.exp, 1, 8)
+        check_int("man", self.man, 0, 23)
+        check_bool("subnormals", self.subnormals)
         if self.specials not in SPECIALS:
             raise ValueError(f"specials={self.specials!r} is not accepted; accepted: {', '.join(SPECIALS)}")
         if self.overflow is None:
@@ -164,10 +209,19 @@ class FloatingPoint(Format):
                 f"(largest {self.max_value:.4g}), which the float32 simulation cannot hold; use specials='ieee'"
             )
 
-    def _default(self, field):
+    def _default(self, field: Field[Any]) -> Any:
         if field.name == "overflow":
             return "inf" if self.specials == "ieee" else "saturate"
         return field.default
+
+    def kernel_params(self) -> dict[str, int]:
+        return {
+            "exp": self.exp,
+            "man": self.man,
+            "subnormals": int(self.subnormals),
+            "specials": SPECIALS.index(self.specials),
+            "overflow": OVERFLOWS.index(self.overflow or "inf"),
+        }
 
     @property
     def bias(self) -> int:
@@ -204,16 +258,20 @@ class BlockFloatingPoint(Format):
     dim: int = -1
     block_size: int | None = None
 
-    _spec_name = "bfp"
-    _positional_names = ("wl",)
+    spec_name: ClassVar[str] = "bfp"
+    positional_names: ClassVar[tuple[str, ...]] = ("wl",)
+    kernel_kind: ClassVar[str] = "block"
 
-    def __post_init__(self):
-        _check_int("wl", self.wl, 1, 25, " (sign + wl-1 magnitude bits)")
+    def __post_init__(self) -> None:
+        check_int("wl", self.wl, 1, 25, " (sign + wl-1 magnitude bits)")
         if isinstance(self.dim, bool) or not isinstance(self.dim, int):
             raise ValueError(f"dim must be an int, got {self.dim!r}")
         if self.block_size is not None:
-            _check_int("block_size", self.block_size, 1, 2**31 - 1, " or None")
+            check_int("block_size", self.block_size, 1, 2**31 - 1, " or None")
 
+
+    def kernel_params(self) -> dict[str, int]:
+        return {"wl": self.wl, "dim": self.dim, "block_size": self.block_size or 0}
 
 PRESETS = {
     "fp32": FloatingPoint(8, 23),
@@ -226,8 +284,8 @@ PRESETS = {
     "fp4_e2m1": FloatingPoint(2, 1, specials="none"),
 }
 
-_CALLS = {"fixed": FixedPoint, "float": FloatingPoint, "bfp": BlockFloatingPoint}
-_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _CALLS.values()}
+_CALLS: dict[str, type[Format]] = {"fixed": FixedPoint, "float": FloatingPoint, "bfp": BlockFloatingPoint}
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _CALLS.values()}  # type: ignore[arg-type]
 _CALL_RE = re.compile(r"^([a-z_]+)\((.*)\)$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _GRAMMAR_HINT = (
@@ -236,7 +294,7 @@ _GRAMMAR_HINT = (
 )
 
 
-def _parse_value(key: str, text: str):
+def _parse_value(key: str, text: str) -> int | bool | str | None:
     if key in ("specials", "overflow"):  # words, where "none" is a word too
         return text
     if _INT_RE.match(text):
@@ -255,13 +313,19 @@ def parse_format(spec: str) -> Format:
     if not m or m.group(1) not in _CALLS:
         raise ValueError(f"format spec {spec!r} does not parse; accepted: {_GRAMMAR_HINT}")
     cls = _CALLS[m.group(1)]
-    args, kwargs = [], {}
-    for item in filter(None, m.group(2).split(",")):
+    args: list[int] = []
+    kwargs: dict[str, int | bool | str | None] = {}
+    items = m.group(2).split(",") if m.group(2) else []
+    for item in items:
+        if not item:
+            raise ValueError(f"format spec {spec!r}: empty argument; accepted: {_GRAMMAR_HINT}")
         if "=" in item:
             key, _, value = item.partition("=")
             if key not in _FIELD_NAMES[cls]:
                 accepted = ", ".join(_FIELD_NAMES[cls])
                 raise ValueError(f"format spec {spec!r}: unknown keyword {key!r}; accepted: {accepted}")
+            if key in kwargs:
+                raise ValueError(f"format spec {spec!r}: keyword {key!r} given twice")
             kwargs[key] = _parse_value(key, value)
         elif kwargs:
             raise ValueError(f"format spec {spec!r}: positional value after a keyword")
@@ -275,7 +339,7 @@ def parse_format(spec: str) -> Format:
         raise ValueError(f"format spec {spec!r}: {err}; accepted: {_GRAMMAR_HINT}") from None
 
 
-def as_format(fmt: str | Format, argument: str = "fmt") -> Format:
+def as_format(fmt: FormatLike, argument: str = "fmt") -> Format:
     """A format from a format object or a spec string."""
     if isinstance(fmt, Format):
         return fmt

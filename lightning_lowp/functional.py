@@ -9,32 +9,18 @@ import torch
 
 from lightning_lowp import ops
 from lightning_lowp.formats import (
-    OVERFLOWS,
     ROUNDING_MODES,
-    SPECIALS,
     BlockFloatingPoint,
-    FixedPoint,
-    FloatingPoint,
     Format,
+    FormatLike,
     as_format,
     check_rounding,
 )
 
-__all__ = ["quantize", "quantize_", "quantize_foreach_", "kernel_args"]
+__all__ = ["quantize", "quantize_", "quantize_foreach_"]
 
 
-def kernel_args(fmt: Format) -> tuple[int, list[int]]:
-    """The (kind, params) pair the kernels take for a format (see cpp/ops.cpp)."""
-    if isinstance(fmt, FixedPoint):
-        return 0, [fmt.wl, fmt.fl, int(fmt.clamp), int(fmt.symmetric)]
-    if isinstance(fmt, FloatingPoint):
-        return 1, [fmt.exp, fmt.man, int(fmt.subnormals), SPECIALS.index(fmt.specials), OVERFLOWS.index(fmt.overflow)]
-    if isinstance(fmt, BlockFloatingPoint):
-        return 2, [fmt.wl, fmt.dim, fmt.block_size or 0]
-    raise TypeError(f"fmt must be FixedPoint, FloatingPoint or BlockFloatingPoint, got {type(fmt).__name__}")
-
-
-def _check_tensor(x, name: str = "x") -> None:
+def _check_tensor(x: object, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -42,17 +28,20 @@ def _check_tensor(x, name: str = "x") -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_call(fmt, rounding: str):
-    """(format, kind, params, mode) for a format or spec and a rounding mode, validated once:
-    quantization sits in the inner loop of training, where parsing each call would show.
+def _kernel_call(fmt: FormatLike, rounding: str) -> tuple[Format, int, list[int], int]:
+    """(format, kind, params, mode) for a format or spec and a rounding mode, validated once.
+
+    Quantization sits in the inner loop of training, where parsing each call would show.
     """
     fmt = as_format(fmt)
     check_rounding(rounding)
-    kind, params = kernel_args(fmt)
+    kind, params = ops.kernel_args(fmt)
     return fmt, kind, params, ROUNDING_MODES.index(rounding)
 
 
-def _check(x, fmt, rounding, generator):
+def _check(
+    x: torch.Tensor, fmt: FormatLike, rounding: str, generator: torch.Generator | None
+) -> tuple[int, list[int], int]:
     _check_tensor(x)
     try:
         fmt, kind, params, mode = _kernel_call(fmt, rounding)
@@ -75,17 +64,33 @@ def _check(x, fmt, rounding, generator):
 
 def quantize(
     x: torch.Tensor,
-    fmt: Format | str,
+    fmt: FormatLike,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``x`` rounded to the values of ``fmt`` (a format or a spec string), as a new tensor.
+    """Round ``x`` to the values of ``fmt``, as a new tensor.
 
-    The result has x's shape, dtype, device and memory format. ``rounding`` is one of
-    nearest, nearest_away, toward_zero, down, up, stochastic. Stochastic rounding draws a key
-    from ``generator`` (a CPU generator; default: torch's default generator), so
-    ``torch.manual_seed`` makes it reproducible on CPU and CUDA alike.
-    Not differentiable: use :func:`lightning_lowp.quantizer` inside a model.
+    The result has x's shape, dtype, device and memory format. The gradient passes through
+    unchanged (the straight-through estimator); to quantize the gradient as well, use
+    :func:`lightning_lowp.quantizer`.
+
+    Args:
+        x: a floating-point tensor (float32, float16, bfloat16 or float64; computed in float32).
+        fmt: a format, or a spec string such as ``"fixed(8,7)"`` or ``"bf16"``.
+        rounding: ``nearest``, ``nearest_away``, ``toward_zero``, ``down``, ``up`` or ``stochastic``.
+        generator: a CPU generator for stochastic rounding (default: torch's default generator),
+            so ``torch.manual_seed`` makes it reproducible on CPU and CUDA alike.
+
+    Returns:
+        The quantized tensor.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, or ``fmt`` not a format or spec.
+        ValueError: an unknown spec or rounding mode, or a block ``dim`` the tensor does not have.
+
+    Example:
+        >>> lp.quantize(torch.tensor([0.3, -1.7]), "fixed(4,1)")
+        tensor([ 0.5000, -1.5000])
     """
     kind, params, mode = _check(x, fmt, rounding, generator)
     if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -97,11 +102,14 @@ def quantize(
 
 def quantize_(
     x: torch.Tensor,
-    fmt: Format | str,
+    fmt: FormatLike,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """In-place :func:`quantize`; returns ``x``."""
+    """Round ``x`` in place to the values of ``fmt``; returns ``x``.
+
+    The arguments are those of :func:`quantize`.
+    """
     kind, params, mode = _check(x, fmt, rounding, generator)
     ops.quantize_(x, kind, params, mode, generator)
     return x
@@ -109,17 +117,27 @@ def quantize_(
 
 def quantize_foreach_(
     tensors: Sequence[torch.Tensor],
-    fmt: Format | str,
+    fmt: FormatLike,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     sources: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """:func:`quantize_` on every tensor of a list, in one call (the multi-tensor form, like
-    torch's ``_foreach`` ops): ``tensors[i] = quantize(sources[i])``, or in place without
-    ``sources``. The same bits as calling :func:`quantize_` on each tensor in list order
-    (stochastic rounding draws one key per tensor); each ``sources[i]`` must match
-    ``tensors[i]`` in shape, dtype and device, and be it or not overlap it.
+    """Quantize every tensor of a list in one call, in place.
 
+    The multi-tensor form of :func:`quantize_`, like torch's ``_foreach`` ops:
+    ``tensors[i] = quantize(sources[i])``, or in place without ``sources``. The same bits as
+    calling :func:`quantize_` on each tensor in list order (stochastic rounding draws one key
+    per tensor).
+
+    Args:
+        tensors: the tensors to write.
+        fmt: a format or a spec string.
+        rounding: a rounding mode, as in :func:`quantize`.
+        generator: a CPU generator for stochastic rounding.
+        sources: tensors to read instead of ``tensors``; each ``sources[i]`` must match
+            ``tensors[i]`` in shape, dtype and device, and be it or not overlap it.
+
+    Example:
         >>> params = [torch.randn(3, 4), torch.randn(4)]
         >>> lp.quantize_foreach_(params, "bf16")
     """
@@ -129,7 +147,7 @@ def quantize_foreach_(
         raise ValueError(f"sources must have one tensor per tensor of tensors, got {len(sources)} and {len(tensors)}")
     if not tensors:
         return
-    for i, (t, s) in enumerate(zip(tensors, sources, strict=False)):
+    for i, (t, s) in enumerate(zip(tensors, sources, strict=True)):
         _check_tensor(t, f"tensors[{i}]")
         _check_tensor(s, f"sources[{i}]")
         if s is not t and (s.shape != t.shape or s.dtype != t.dtype or s.device != t.device):
@@ -138,7 +156,7 @@ def quantize_foreach_(
                 f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
             )
     kind, params, mode = _check(tensors[0], fmt, rounding, generator)
-    if kind == 2:  # block floating point: every tensor needs the blocking dim
+    if isinstance(as_format(fmt), BlockFloatingPoint):  # every tensor needs the blocking dim
         for t in tensors[1:]:
             _check(t, fmt, rounding, None)
     ops.quantize_foreach_(tensors, sources, kind, params, mode, generator)

@@ -1,33 +1,100 @@
-"""Registers the compiled kernels' fake implementations with torch.library.
+"""The compiled operators, their fake implementations, and the vocabulary shared with C++.
 
-The operators themselves (``torch.ops.lowp.quantize`` and ``torch.ops.lowp.quantize_``) are
-defined in ``cpp/ops.cpp`` and come into being when ``lightning_lowp._C`` is imported; the
-fake (meta) implementations below let ``torch.compile`` trace them without running them.
+The operators (``torch.ops.lowp.quantize``, ``quantize_`` and ``quantize_foreach_``) are defined
+in ``cpp/ops.cpp`` and come into being when ``lightning_lowp._C`` is imported. The fake (meta)
+implementations below let ``torch.compile`` trace them without running them.
+
+The operators take a format as ``(kind, params)`` and a rounding mode as integers. What those
+integers mean is defined once, in ``cpp/vocabulary.h``, and exported by ``_C`` by name; this
+module checks at import that Python's names are the same, and :func:`kernel_args` builds the
+integers from a format by name, so the two sides cannot drift apart.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 import torch
 
-from lightning_lowp import _C
+import lightning_lowp._C as _C
+from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SPECIALS, Format
+
+__all__ = ["BUILT_WITH_CUDA", "check_vocabulary", "kernel_args", "quantize", "quantize_", "quantize_foreach_"]
 
 BUILT_WITH_CUDA = bool(_C.built_with_cuda)
 
 
+def check_vocabulary() -> None:
+    """Check that Python and the compiled kernels number every setting alike.
+
+    Raises:
+        ImportError: when ``lightning_lowp._C`` was built from other sources than this package
+            (rebuild it with ``pip install --no-build-isolation -e .``).
+    """
+    for what, python, compiled in (
+        ("rounding modes", ROUNDING_MODES, _C.ROUNDING_MODES),
+        ("float specials", SPECIALS, _C.SPECIALS),
+        ("float overflow modes", OVERFLOWS, _C.OVERFLOWS),
+    ):
+        if tuple(python) != tuple(compiled):
+            raise ImportError(
+                f"lightning_lowp._C numbers the {what} as {tuple(compiled)}, Python as {tuple(python)}; "
+                "the compiled extension is stale: rebuild it with 'pip install --no-build-isolation -e .'"
+            )
+
+
+check_vocabulary()
+
+
+def kernel_args(fmt: Format) -> tuple[int, list[int]]:
+    """The ``(kind, params)`` pair the operators take for a format, built by name.
+
+    Args:
+        fmt: a format object.
+
+    Returns:
+        The index of ``fmt.kernel_kind`` in ``_C.FORMAT_KINDS``, and ``fmt.kernel_params()``
+        in the order of ``_C.FORMAT_PARAMS[fmt.kernel_kind]``.
+    """
+    kind = getattr(fmt, "kernel_kind", None)
+    if kind not in _C.FORMAT_KINDS:
+        raise TypeError(f"fmt must be a format the kernels run ({', '.join(_C.FORMAT_KINDS)}), got {fmt!r}")
+    params = fmt.kernel_params()
+    names = tuple(_C.FORMAT_PARAMS[kind])
+    if set(params) != set(names):
+        raise RuntimeError(
+            f"{type(fmt).__name__}.kernel_params() gives {sorted(params)}, the {kind} kernel takes {list(names)}"
+        )
+    return _C.FORMAT_KINDS.index(kind), [params[name] for name in names]
+
+
 @torch.library.register_fake("lowp::quantize")
-def _quantize_fake(x, kind, params, rounding, generator=None):
+def _quantize_fake(
+    x: torch.Tensor, kind: int, params: list[int], rounding: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("lowp::quantize_")
-def _quantize_inplace_fake(x, kind, params, rounding, generator=None):
+def _quantize_inplace_fake(
+    x: torch.Tensor, kind: int, params: list[int], rounding: int, generator: torch.Generator | None = None
+) -> None:
     return None
 
 
 @torch.library.register_fake("lowp::quantize_foreach_")
-def _quantize_foreach_fake(out, x, kind, params, rounding, generator=None):
+def _quantize_foreach_fake(
+    out: list[torch.Tensor],
+    x: list[torch.Tensor],
+    kind: int,
+    params: list[int],
+    rounding: int,
+    generator: torch.Generator | None = None,
+) -> None:
     return None
 
 
-def _straight_through(ctx, grad):
+def _straight_through(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return grad, None, None, None, None
 
 

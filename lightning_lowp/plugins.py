@@ -9,10 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from torch import nn
 from torch.optim import LBFGS, Optimizer
+from typing_extensions import override
 
+from lightning_lowp.formats import FormatLike
 from lightning_lowp.functional import quantize_foreach_
-from lightning_lowp.recipes import FormatLike, Recipe, get_recipe
+from lightning_lowp.recipes import Recipe, get_recipe
 
 __all__ = ["LowPrecision"]
 
@@ -30,11 +33,10 @@ _ARGUMENTS = (
 
 
 class LowPrecision(Precision):
-    """Simulates training with weights, gradients, optimizer state and fp32 master
-    weights
-    stored in low-precision formats (QPyTorch's ``OptimLP``, as a Lightning plugin).
+    """Simulate training with weights, gradients, optimizer state and master weights in low precision.
 
-    Around each optimizer step, in this order (the order of ``OptimLP``):
+    QPyTorch's ``OptimLP``, as a Lightning precision plugin. Around each optimizer step, in
+    this order (the order of ``OptimLP``):
 
     1. the gradients, after Lightning's accumulation and clipping, are multiplied by
        ``grad_scale`` and quantized to ``grad``;
@@ -54,25 +56,41 @@ class LowPrecision(Precision):
     recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
     seed and broadcast from rank 0, so every rank rounds alike; its state and the master weights
     are saved in checkpoints, so a resumed run continues bit for bit.
+
+    Args:
+        weight: the format of the weights the model computes with.
+        grad: the format of the weight gradients, before the optimizer step.
+        optimizer_state: the format of the optimizer's state tensors shaped like their parameter.
+        master_weight: the format of the master copy of each weight that the optimizer
+            updates; ``None`` steps the quantized weights themselves.
+        weight_rounding: the rounding mode of ``weight``.
+        grad_rounding: the rounding mode of ``grad``.
+        optimizer_state_rounding: the rounding mode of ``optimizer_state``.
+        master_weight_rounding: the rounding mode of ``master_weight``.
+        grad_scale: a factor applied to the gradients before they are quantized.
+        recipe: a registered recipe's name, instead of the formats.
+
+    Example:
+        >>> trainer = L.Trainer(plugins=[lp.LowPrecision.from_name("bfp8")])
     """
 
     precision = "32-true"  # the arithmetic itself stays float32
 
     def __init__(
         self,
-        weight: FormatLike = None,
-        grad: FormatLike = None,
-        optimizer_state: FormatLike = None,
-        master_weight: FormatLike = None,
+        weight: FormatLike | None = None,
+        grad: FormatLike | None = None,
+        optimizer_state: FormatLike | None = None,
+        master_weight: FormatLike | None = None,
         weight_rounding: str = "nearest",
         grad_rounding: str = "nearest",
         optimizer_state_rounding: str = "nearest",
         master_weight_rounding: str = "nearest",
         grad_scale: float = 1.0,
         recipe: str | None = None,
-    ):
+    ) -> None:
         super().__init__()
-        given = {
+        given: dict[str, Any] = {
             "weight": weight,
             "grad": grad,
             "optimizer_state": optimizer_state,
@@ -98,14 +116,18 @@ class LowPrecision(Precision):
         self.grad_scale = float(grad_scale)
         self.generator = torch.Generator()
         self._seeded = False
-        self._module: torch.nn.Module | None = None
-        self._master_weights: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._module: nn.Module | None = None
+        self._master_weights: dict[torch.Tensor, torch.Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> LowPrecision:
-        """The plugin for a registered recipe (``lp.list_recipes()``); keyword arguments replace
-        single roles, e.g. ``from_name("bfp8", grad_rounding="stochastic", master_weight=None)``.
+    def from_name(cls, name: str, **overrides: Any) -> LowPrecision:
+        """The plugin for a registered recipe (``lp.list_recipes()``).
+
+        Args:
+            name: a registered recipe's name.
+            **overrides: single roles to replace, e.g.
+                ``from_name("bfp8", grad_rounding="stochastic", master_weight=None)``, and ``grad_scale``.
         """
         grad_scale = overrides.pop("grad_scale", 1.0)
         unknown = set(overrides) - set(_ARGUMENTS)
@@ -119,7 +141,10 @@ class LowPrecision(Precision):
 
     # ---- Lightning hooks --------------------------------------------------------------
 
-    def connect(self, model, optimizers: list[Optimizer], lr_schedulers: list[Any]):
+    @override
+    def connect(
+        self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
+    ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
         for optimizer in optimizers:
             inner = getattr(optimizer, "optimizer", optimizer)
             if isinstance(inner, LBFGS):
@@ -129,7 +154,14 @@ class LowPrecision(Precision):
                 )
         return super().connect(model, optimizers, lr_schedulers)
 
-    def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs):
+    @override
+    def optimizer_step(  # type: ignore[override]  # the same as Lightning's own Precision.optimizer_step
+        self,
+        optimizer: Optimizer,
+        model: pl.LightningModule,
+        closure: Callable[[], Any],
+        **kwargs: Any,
+    ) -> Any:
         if not isinstance(model, pl.LightningModule):
             return super().optimizer_step(optimizer, model, closure, **kwargs)
         self._prepare(model)
@@ -146,7 +178,7 @@ class LowPrecision(Precision):
     # through Python, no temporaries (the master weights are allocated once, at the first step).
 
     @torch.no_grad()
-    def _before_step(self, params: list[torch.nn.Parameter]) -> None:
+    def _before_step(self, params: list[torch.Tensor]) -> None:
         r = self.recipe
         grads = [p.grad for p in params if p.grad is not None]
         if grads and self.grad_scale != 1.0:
@@ -157,7 +189,7 @@ class LowPrecision(Precision):
             torch._foreach_copy_(params, [self._master_weight(p) for p in params])
 
     @torch.no_grad()
-    def _after_step(self, optimizer: Optimizer, params: list[torch.nn.Parameter]) -> None:
+    def _after_step(self, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
         r, g = self.recipe, self.generator
         if r.master_weight is not None:
             masters = [self._master_weights[p] for p in params]
@@ -179,15 +211,17 @@ class LowPrecision(Precision):
 
     # ---- state ------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is None:
             return self._pending_state or {}
-        names = {p: n for n, p in self._module.named_parameters()}
+        names: dict[torch.Tensor, str] = {p: n for n, p in self._module.named_parameters()}
         return {
             "generator": self.generator.get_state(),
             "master_weights": {names[p]: m.clone() for p, m in self._master_weights.items() if p in names},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)  # applied at the next step, when the parameters are known
         if self._module is not None:
@@ -210,7 +244,8 @@ class LowPrecision(Precision):
             self._apply_pending()
 
     def _apply_pending(self) -> None:
-        state, self._pending_state = self._pending_state, None
+        state, self._pending_state = self._pending_state or {}, None
+        assert self._module is not None, "called once the module is known"
         if "generator" in state:
             self.generator.set_state(state["generator"])
             self._seeded = True
@@ -221,7 +256,7 @@ class LowPrecision(Precision):
             p = params[name]
             self._master_weights[p] = master.to(device=p.device, dtype=p.dtype).clone()
 
-    def _master_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+    def _master_weight(self, p: torch.Tensor) -> torch.Tensor:
         master = self._master_weights.get(p)
         if master is None:  # as OptimLP: the master copy starts as the (unquantized) initial weight
             master = self._master_weights[p] = p.detach().clone()

@@ -17,26 +17,40 @@ and ``QuantizeActivations.from_name`` take the same names, so one name sets a wh
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
-from lightning_lowp.formats import Format, as_format, check_rounding
+from lightning_lowp.formats import Format, FormatLike, as_format, check_rounding
 
-__all__ = ["Recipe", "register_recipe", "get_recipe", "list_recipes"]
+__all__ = ["Recipe", "ROLES", "register_recipe", "get_recipe", "list_recipes"]
 
-FormatLike = Optional[Format | str]
+#: The roles a recipe gives a format: the first four belong to ``LowPrecision``, the last two
+#: to ``QuantizeActivations``.
 ROLES = ("weight", "grad", "optimizer_state", "master_weight", "activation", "error")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Formats (a format, a spec string, or None for float32) and rounding modes per role."""
+    """A format and a rounding mode for every role in training; ``None`` keeps a role in float32.
 
-    weight: FormatLike = None
-    grad: FormatLike = None
-    optimizer_state: FormatLike = None
-    master_weight: FormatLike = None
-    activation: FormatLike = None
-    error: FormatLike = None
+    Formats may be given as spec strings; they are parsed (and validated) on construction.
+
+    Args:
+        weight: the weights the model computes with.
+        grad: the weight gradients, before the optimizer step.
+        optimizer_state: the optimizer's moment estimates (SGD's momentum, Adam's ``exp_avg``
+            and ``exp_avg_sq``, ...).
+        master_weight: the master copy of each weight that the optimizer updates (QPyTorch's
+            weight accumulator); ``None`` updates the quantized weights directly.
+        activation: module outputs in the forward pass.
+        error: gradients flowing back into module outputs.
+        weight_rounding: the rounding mode of ``weight``; likewise for every role.
+    """
+
+    weight: FormatLike | None = None
+    grad: FormatLike | None = None
+    optimizer_state: FormatLike | None = None
+    master_weight: FormatLike | None = None
+    activation: FormatLike | None = None
+    error: FormatLike | None = None
     weight_rounding: str = "nearest"
     grad_rounding: str = "nearest"
     optimizer_state_rounding: str = "nearest"
@@ -44,7 +58,7 @@ class Recipe:
     activation_rounding: str = "nearest"
     error_rounding: str = "nearest"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for role in ROLES:
             value = getattr(self, role)
             if value is not None:
@@ -57,18 +71,21 @@ class Recipe:
 
 
 def _seed_recipe(low: Format) -> Recipe:
-    """The seed notebook's setting: `low` for weights, gradients, activations and errors,
-    bf16 optimizer state and master weights, round to nearest. (The seed asks for stochastic rounding
-    of gradients and momentum, but OptimLP applies only a Quantizer's forward rounding, so
-    its runs round to nearest; these recipes reproduce what it ran.).
+    """The seed notebook's setting: ``low`` for weights, gradients, activations and errors.
+
+    Optimizer state and master weights are bf16, and every role rounds to nearest. (The seed
+    asks for stochastic rounding of gradients and momentum, but OptimLP applies only a
+    Quantizer's forward rounding, so its runs round to nearest; these recipes reproduce what
+    it ran.)
     """
     return Recipe(weight=low, grad=low, optimizer_state="bf16", master_weight="bf16", activation=low, error=low)
 
 
 def _float_recipe(fmt: str) -> Recipe:
-    """Weights, gradients, activations and errors in `fmt`; optimizer state and master
-    weights bf16,
-    or float32 when `fmt` is itself 16 bits wide (the usual master-weights setting).
+    """Weights, gradients, activations and errors in ``fmt``.
+
+    Optimizer state and master weights are bf16, or float32 when ``fmt`` is itself 16 bits
+    wide (the usual master-weights setting).
     """
     state = None if fmt in ("bf16", "fp16") else "bf16"
     return Recipe(weight=fmt, grad=fmt, optimizer_state=state or fmt, master_weight=state, activation=fmt, error=fmt)

@@ -21,11 +21,21 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 
+# The compiled kernels: rebuilt when a C++/CUDA source or setup.py changed since the last build
+# (the stamp is the hash of those files), so running this script again costs seconds.
+stamp=.venv/lowp-build-stamp
+sources_hash=$(cat setup.py cpp/* | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sources_hash" ] && .venv/bin/python -c "import lightning_lowp" 2>/dev/null; then
+  echo "lightning_lowp kernels are up to date"
+  exit 0
+fi
 # torch finds nvcc through CUDA_HOME; the nvcc on PATH may be a wrapper script.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-# Without a GPU to detect, build for Hopper only (torch would otherwise build every arch).
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi >/dev/null 2>&1; then export TORCH_CUDA_ARCH_LIST=9.0; fi
+# Without a GPU to detect, build for Hopper (and PTX, which later GPUs compile at load time);
+# torch would otherwise build every arch.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi >/dev/null 2>&1; then export TORCH_CUDA_ARCH_LIST="9.0+PTX"; fi
 export MAX_JOBS=${MAX_JOBS:-2}
 echo "building lightning_lowp (CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-auto})"
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
 .venv/bin/python -c "import lightning_lowp.ops as o; print('lightning_lowp ready; CUDA kernels built:', o.BUILT_WITH_CUDA)"
+echo "$sources_hash" > "$stamp"

@@ -1,0 +1,52 @@
+// The names under which Python and C++ agree on every setting that crosses between them.
+//
+// The operators take a format as (kind, params) and a rounding mode as small integers, the
+// cheapest things to pass through the dispatcher. Their meaning is fixed here, once: each
+// enum's values in order, and the parameter list of each kind of format by name. The module
+// lightning_lowp._C exports these lists and lightning_lowp.ops checks at import that Python
+// builds its arguments from the same vocabulary, so the two sides cannot drift apart.
+#pragma once
+
+#include <cstdint>
+
+#include "rounding.h"
+
+namespace lowp {
+
+// Names of Rounding's values (rounding.h), in order.
+constexpr const char* kRoundingNames[] = {"nearest", "nearest_away", "toward_zero", "down", "up", "stochastic"};
+// Names of Kind's values (rounding.h), in order.
+constexpr const char* kKindNames[] = {"fixed", "float", "block"};
+
+// What a float format's top exponent code means (FloatingPoint.specials).
+enum class Specials : int64_t { Ieee = 0, Fn = 1, None = 2 };
+constexpr const char* kSpecialsNames[] = {"ieee", "fn", "none"};
+
+// What happens past a float format's largest finite value (FloatingPoint.overflow).
+enum class Overflow : int64_t { Inf = 0, Saturate = 1 };
+constexpr const char* kOverflowNames[] = {"inf", "saturate"};
+
+// The params list of each kind: the index of each named parameter, then the names in order.
+enum FixedParam { kFixedWl, kFixedFl, kFixedClamp, kFixedSymmetric, kFixedParamCount };
+constexpr const char* kFixedParamNames[] = {"wl", "fl", "clamp", "symmetric"};
+
+enum FloatParam { kFloatExp, kFloatMan, kFloatSubnormals, kFloatSpecials, kFloatOverflow, kFloatParamCount };
+constexpr const char* kFloatParamNames[] = {"exp", "man", "subnormals", "specials", "overflow"};
+
+enum BlockParam { kBlockWl, kBlockDim, kBlockSize, kBlockParamCount };
+constexpr const char* kBlockParamNames[] = {"wl", "dim", "block_size"};
+
+template <typename T, size_t N>
+constexpr size_t count_of(T (&)[N]) {
+  return N;
+}
+
+static_assert(count_of(kRoundingNames) == static_cast<size_t>(Rounding::Stochastic) + 1, "one name per Rounding");
+static_assert(count_of(kKindNames) == static_cast<size_t>(Kind::Block) + 1, "one name per Kind");
+static_assert(count_of(kSpecialsNames) == static_cast<size_t>(Specials::None) + 1, "one name per Specials");
+static_assert(count_of(kOverflowNames) == static_cast<size_t>(Overflow::Saturate) + 1, "one name per Overflow");
+static_assert(count_of(kFixedParamNames) == kFixedParamCount, "one name per fixed-point parameter");
+static_assert(count_of(kFloatParamNames) == kFloatParamCount, "one name per floating-point parameter");
+static_assert(count_of(kBlockParamNames) == kBlockParamCount, "one name per block floating-point parameter");
+
+}  // namespace lowp
