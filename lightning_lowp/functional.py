@@ -41,10 +41,10 @@ def _kernel_call(fmt: FormatLike, rounding: str) -> tuple[Format, int, list[int]
 
 def _check(
     x: torch.Tensor, fmt: FormatLike, rounding: str, generator: torch.Generator | None
-) -> tuple[int, list[int], int]:
+) -> tuple[Format, int, list[int], int]:
     _check_tensor(x)
     try:
-        fmt, kind, params, mode = _kernel_call(fmt, rounding)
+        fmt, kind, params, mode = _kernel_call(fmt, rounding)  # the format, parsed
     except TypeError:  # unhashable: let as_format / check_rounding say what is wrong
         as_format(fmt)
         check_rounding(rounding)
@@ -59,7 +59,7 @@ def _check(
                 f"generator must be a CPU torch.Generator (stochastic rounding draws its key on the host so a seed "
                 f"gives the same bits on every device), got one on {generator.device}"
             )
-    return kind, params, mode
+    return fmt, kind, params, mode
 
 
 def quantize(
@@ -92,7 +92,7 @@ def quantize(
         >>> lp.quantize(torch.tensor([0.3, -1.7]), "fixed(4,1)")
         tensor([ 0.5000, -1.5000])
     """
-    kind, params, mode = _check(x, fmt, rounding, generator)
+    _, kind, params, mode = _check(x, fmt, rounding, generator)
     if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return ops.quantize(x, kind, params, mode, generator)  # with its straight-through gradient
     # No gradient to track: skip the operator's autograd layer (Python, ~10 us a call).
@@ -110,7 +110,7 @@ def quantize_(
 
     The arguments are those of :func:`quantize`.
     """
-    kind, params, mode = _check(x, fmt, rounding, generator)
+    _, kind, params, mode = _check(x, fmt, rounding, generator)
     ops.quantize_(x, kind, params, mode, generator)
     return x
 
@@ -155,8 +155,8 @@ def quantize_foreach_(
                 f"sources[{i}] must match tensors[{i}] in shape, dtype and device, got "
                 f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
             )
-    kind, params, mode = _check(tensors[0], fmt, rounding, generator)
-    if isinstance(as_format(fmt), BlockFloatingPoint):  # every tensor needs the blocking dim
+    fmt, kind, params, mode = _check(tensors[0], fmt, rounding, generator)
+    if isinstance(fmt, BlockFloatingPoint):  # every tensor needs the blocking dim
         for t in tensors[1:]:
             _check(t, fmt, rounding, None)
     ops.quantize_foreach_(tensors, sources, kind, params, mode, generator)
