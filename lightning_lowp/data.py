@@ -12,8 +12,8 @@ Where the files come from, in order: an explicit ``data_dir`` holding the four I
 (also ``<data_dir>/MNIST/raw`` and ``<data_dir>/FashionMNIST/raw``, torchvision's layout);
 for Fashion-MNIST the Debian package's directory (``apt-get install dataset-fashion-mnist``
 puts the files in ``/usr/share/datasets/fashion-mnist``); then a torchvision download (MNIST,
-or Fashion-MNIST when asked for by name) into ``data_dir`` (default ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``), which
-needs network access.
+or Fashion-MNIST when asked for by name) into ``data_dir`` (default ``$LOWP_DATA_DIR``, else
+``~/.cache/lightning_lowp``), which needs network access.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import functools
 import gzip
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import lightning.pytorch as pl
 import numpy as np
@@ -31,27 +33,43 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 __all__ = ["LeNet", "MNISTFamily", "read_idx", "DATASETS", "DEBIAN_FASHION_MNIST_DIR"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the gzipped IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+
+class DatasetInfo(TypedDict):
+    """What :data:`DATASETS` holds for one dataset.
+
+    Args:
+        folder: torchvision's folder name for the dataset (``MNIST``, ``FashionMNIST``).
+        mean: the pixel mean (of [0, 1] pixels) used to normalize.
+        std: the pixel standard deviation (of [0, 1] pixels) used to normalize.
+    """
+
+    folder: str
+    mean: float
+    std: float
+
+
 #: Per dataset: torchvision's folder name and the pixel mean and std (of [0, 1] pixels) used to
 #: normalize. MNIST's are the seed notebook's; Fashion-MNIST's are its training set's own.
-DATASETS: dict[str, dict[str, object]] = {
+DATASETS: dict[str, DatasetInfo] = {
     "mnist": {"folder": "MNIST", "mean": 0.1307, "std": 0.3081},
     "fashion-mnist": {"folder": "FashionMNIST", "mean": 0.2860, "std": 0.3530},
 }
 
-_SPLITS = {
+_SPLITS: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _FILES = [name for pair in _SPLITS.values() for name in pair]
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/, "IDX file format").
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 # ---- IDX files ------------------------------------------------------------------------
@@ -60,8 +78,15 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def read_idx(path: str | Path) -> torch.Tensor:
     """An IDX file (``.gz`` or raw, told apart by content) as a tensor of its shape and type.
 
-    uint8 data (images, labels) comes back as ``torch.uint8``; other types in their native
-    width. Raises ``ValueError`` on a bad magic number or a size that does not match the header.
+    Args:
+        path: the IDX file, gzipped or raw.
+
+    Returns:
+        The file's data, of the shape its header gives: uint8 data (images, labels) comes back
+        as ``torch.uint8``; other types in their native width.
+
+    Raises:
+        ValueError: on a bad magic number or a size that does not match the header.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -93,16 +118,25 @@ def _find_file(directory: Path, name: str) -> Path | None:
     return None
 
 
+def _require_file(directory: Path, name: str) -> Path:
+    """``_find_file``, raising ``FileNotFoundError`` if ``directory`` holds neither form of ``name``."""
+    path = _find_file(directory, name)
+    if path is None:
+        raise FileNotFoundError(f"neither {name} nor {name}.gz is in {directory}")
+    return path
+
+
 def _complete(directory: Path) -> bool:
     """Whether ``directory`` holds all four IDX files (each raw or gzipped)."""
     return directory.is_dir() and all(_find_file(directory, n) is not None for n in _FILES)
 
 
 def _looks_like(directory: Path) -> str:
-    """Which of the two datasets the IDX files in ``directory`` hold, by their mean test pixel
-    (MNIST 0.13, Fashion-MNIST 0.29: the file names are the same).
+    """Which of the two datasets the IDX files in ``directory`` hold, by their mean test pixel.
+
+    The file names are the same; the mean test pixel is MNIST 0.13, Fashion-MNIST 0.29.
     """
-    path = _find_file(directory, _SPLITS["test"][0])
+    path = _require_file(directory, _SPLITS["test"][0])
     return _looks_like_file(str(path), path.stat().st_mtime_ns)
 
 
@@ -113,8 +147,9 @@ def _looks_like_file(path: str, mtime_ns: int) -> str:
 
 
 def _download(name: str, root: Path) -> None:
-    """Download MNIST or Fashion-MNIST with torchvision into ``root/<Folder>/raw`` (raises when
-    offline).
+    """Download MNIST or Fashion-MNIST with torchvision into ``root/<Folder>/raw``.
+
+    Raises when offline.
     """
     import torchvision  # only needed here; slow to import
 
@@ -132,6 +167,12 @@ def _default_root() -> Path:
 class MNISTFamily(pl.LightningDataModule):
     """MNIST or Fashion-MNIST from IDX files, as normalized in-memory tensors.
 
+    The training split is the 60,000 training images (shuffled each epoch); validation and
+    test both use the 10,000 test images, as the seed notebook evaluates on them after every
+    epoch. Images are ``float32`` of shape ``(N, 1, 28, 28)``, normalized with the dataset's
+    pixel mean and std (MNIST: the seed's 0.1307, 0.3081; Fashion-MNIST: 0.2860, 0.3530);
+    labels are ``int64``.
+
     Args:
         dataset: ``"mnist"``, ``"fashion-mnist"``, or ``"auto"``: MNIST if its files are found
             or can be downloaded, else Fashion-MNIST.
@@ -144,15 +185,14 @@ class MNISTFamily(pl.LightningDataModule):
             directory are told apart by their mean pixel (MNIST 0.13, Fashion-MNIST 0.29).
         batch_size: as the seed notebook (64).
         num_workers: DataLoader workers (the tensors are in memory: 0 is usually fastest).
-        train_limit, val_limit: use only the first N training / test examples (quick runs, CI).
+        train_limit: use only the first N training examples (quick runs, CI).
+        val_limit: use only the first N test examples (quick runs, CI).
         download: allow torchvision's download (MNIST, or Fashion-MNIST when asked for by name).
 
-    The training split is the 60,000 training images (shuffled each epoch); validation and
-    test both use the 10,000 test images, as the seed notebook evaluates on them after every
-    epoch. Images are ``float32`` of shape ``(N, 1, 28, 28)``, normalized with the dataset's
-    pixel mean and std (MNIST: the seed's 0.1307, 0.3081; Fashion-MNIST: 0.2860, 0.3530);
-    labels are ``int64``. After ``prepare_data``/``setup``, ``dataset_name`` says which
-    dataset is used and ``source_dir`` where its files were read from.
+    Attributes:
+        dataset_name: after ``prepare_data``/``setup``, which dataset is used
+            (``"mnist"`` or ``"fashion-mnist"``).
+        source_dir: after ``prepare_data``/``setup``, where its files were read from.
     """
 
     def __init__(
@@ -164,7 +204,7 @@ class MNISTFamily(pl.LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         download: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         if dataset not in ("auto", *DATASETS):
             raise ValueError(f"dataset must be one of 'auto', {', '.join(map(repr, DATASETS))}; got {dataset!r}")
@@ -191,8 +231,9 @@ class MNISTFamily(pl.LightningDataModule):
     # ---- finding the files --------------------------------------------------------------
 
     def _candidates(self, name: str, system: bool = True) -> list[Path]:
-        """Directories that may hold ``name``'s files, in order of preference (``system``:
-        with the Debian package's directory).
+        """Directories that may hold ``name``'s files, in order of preference.
+
+        ``system``: with the Debian package's directory.
         """
         root = self.data_dir if self.data_dir is not None else _default_root()
         dirs = [root, root / DATASETS[name]["folder"] / "raw"]
@@ -206,20 +247,25 @@ class MNISTFamily(pl.LightningDataModule):
                 continue
             # The file names do not say which dataset a bare directory holds: with "auto",
             # look at the pixels; an explicit dataset= is trusted.
-            if self.dataset == "auto" and directory.name != "raw" and directory != DEBIAN_FASHION_MNIST_DIR:
-                if _looks_like(directory) != name:
-                    continue
+            if (
+                self.dataset == "auto"
+                and directory.name != "raw"
+                and directory != DEBIAN_FASHION_MNIST_DIR
+                and _looks_like(directory) != name
+            ):
+                continue
             return directory
         return None
 
     def _resolve(self, download: bool) -> tuple[str, Path]:
-        """(dataset name, directory of its IDX files); raises FileNotFoundError saying how to
-        get a dataset if none can be had.
+        """(dataset name, directory of its IDX files).
+
+        Raises ``FileNotFoundError`` saying how to get a dataset if none can be had.
         """
         wanted = ["mnist", "fashion-mnist"] if self.dataset == "auto" else [self.dataset]
-        errors = []
+        errors: list[str] = []
 
-        def try_download(name="mnist"):
+        def try_download(name: str = "mnist") -> Path | None:
             root = self.data_dir if self.data_dir is not None else _default_root()
             try:
                 _download(name, root)
@@ -263,14 +309,15 @@ class MNISTFamily(pl.LightningDataModule):
             + "."
         )
 
+    @override
     def prepare_data(self) -> None:
         """Find the files, downloading MNIST if needed and allowed (Lightning: rank 0 only)."""
         self.dataset_name, self.source_dir = self._resolve(download=self.download)
 
     # ---- loading ------------------------------------------------------------------------
 
-    def _load(self, split: str, limit: int | None) -> TensorDataset:
-        image_file, label_file = (_find_file(self.source_dir, n) for n in _SPLITS[split])
+    def _load(self, name: str, directory: Path, split: str, limit: int | None) -> TensorDataset:
+        image_file, label_file = (_require_file(directory, n) for n in _SPLITS[split])
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
             raise ValueError(
@@ -279,12 +326,13 @@ class MNISTFamily(pl.LightningDataModule):
             )
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
-        stats = DATASETS[self.dataset_name]
+        stats = DATASETS[name]
         x = images.unsqueeze(1).float().div_(255).sub_(stats["mean"]).div_(stats["std"])
         return TensorDataset(x, labels.long())
 
+    @override
     def setup(self, stage: str | None = None) -> None:
-        if self.source_dir is None:  # ranks other than 0, or setup() called directly
+        if self.dataset_name is None or self.source_dir is None:  # ranks other than 0, or setup() called directly
             try:
                 self.dataset_name, self.source_dir = self._resolve(download=False)
             except FileNotFoundError:
@@ -293,11 +341,13 @@ class MNISTFamily(pl.LightningDataModule):
                 self.dataset_name, self.source_dir = self._resolve(download=True)
         rank_zero_info(f"MNISTFamily: using {self.dataset_name} from {self.source_dir}")
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._load("train", self.train_limit)
+            self.train_set = self._load(self.dataset_name, self.source_dir, "train", self.train_limit)
         if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
-            self.val_set = self._load("test", self.val_limit)
+            self.val_set = self._load(self.dataset_name, self.source_dir, "test", self.val_limit)
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader[tuple[torch.Tensor, ...]]:
+        if dataset is None:
+            raise RuntimeError("MNISTFamily: call setup() for this stage before asking for its dataloader")
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -306,16 +356,20 @@ class MNISTFamily(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    @override
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    @override
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    @override
+    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return self._loader(self.val_set, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    @override
+    def predict_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         return self._loader(self.val_set, shuffle=False)
 
 
@@ -323,14 +377,23 @@ class MNISTFamily(pl.LightningDataModule):
 
 
 class LeNet(pl.LightningModule):
-    """The seed notebook's LeNet (conv 1->20 k5, pool, conv 20->50 k5, pool, fc 800->500,
-    fc 500->10, ReLU) and its SGD (lr 0.05, momentum 0.9, weight decay 1e-4).
+    """The seed notebook's LeNet and its SGD.
 
-    ``forward`` returns logits; the loss is ``F.cross_entropy``. Logs ``train/loss``,
-    ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (accuracy as a fraction).
+    The network: conv 1->20 k5, pool, conv 20->50 k5, pool, fc 800->500, fc 500->10, ReLU; the
+    optimizer: SGD (lr 0.05, momentum 0.9, weight decay 1e-4). ``forward`` returns logits; the
+    loss is ``F.cross_entropy``. Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``
+    and ``test/acc`` (accuracy as a fraction).
+
+    Args:
+        lr: SGD's learning rate (the seed's 0.05).
+        momentum: SGD's momentum (the seed's 0.9).
+        weight_decay: SGD's weight decay (the seed's 1e-4).
+        num_classes: the number of outputs of the last layer (logits).
     """
 
-    def __init__(self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4, num_classes: int = 10):
+    def __init__(
+        self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.conv1 = nn.Conv2d(1, 20, 5, 1)
@@ -338,19 +401,21 @@ class LeNet(pl.LightningModule):
         self.fc1 = nn.Linear(4 * 4 * 50, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
 
-    def training_step(self, batch, batch_idx):
+    @override
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch, stage: str):
+    def _evaluate(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -358,20 +423,26 @@ class LeNet(pl.LightningModule):
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, sync_dist=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    @override
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch, batch_idx):
+    @override
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "test")
 
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+    @override
+    def predict_step(
+        self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
 
-    def configure_optimizers(self):
+    @override
+    def configure_optimizers(self) -> torch.optim.SGD:
         return torch.optim.SGD(
             self.parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
+            lr=self.hparams["lr"],
+            momentum=self.hparams["momentum"],
+            weight_decay=self.hparams["weight_decay"],
         )

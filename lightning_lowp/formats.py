@@ -269,9 +269,9 @@ class BlockFloatingPoint(Format):
         if self.block_size is not None:
             check_int("block_size", self.block_size, 1, 2**31 - 1, " or None")
 
-
     def kernel_params(self) -> dict[str, int]:
         return {"wl": self.wl, "dim": self.dim, "block_size": self.block_size or 0}
+
 
 PRESETS = {
     "fp32": FloatingPoint(8, 23),

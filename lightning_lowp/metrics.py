@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lightning_lowp.callbacks import QuantizeActivations
-from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, as_format
+from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, FormatLike, as_format
 from lightning_lowp.reference import block_range
 
 __all__ = ["QuantizationMetrics", "quantization_error_stats"]
@@ -52,7 +54,7 @@ def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
     return block_range(a.to(torch.float64), fmt)[1].to(torch.float32)
 
 
-def _range(x: Tensor, fmt: Format) -> tuple[Any, Any]:
+def _range(x: Tensor, fmt: Format) -> tuple[float | Tensor, float | Tensor]:
     """(lo, hi): the most negative and most positive value ``fmt`` can give for each element."""
     if isinstance(fmt, FixedPoint):
         if not fmt.clamp:
@@ -103,23 +105,35 @@ def _stats_from_sums(sums: Tensor) -> dict[str, float]:
     return {"saturated": saturated / count, "flushed": flushed / count, "sqnr_db": sqnr}
 
 
-def quantization_error_stats(x: Tensor, q: Tensor, fmt) -> dict[str, float]:
+def quantization_error_stats(x: Tensor, q: Tensor, fmt: FormatLike) -> dict[str, float]:
     """How ``q`` (``x`` quantized to ``fmt``) differs from ``x``: a dict of python floats.
-
-    * ``saturated``: the fraction of elements beyond the format's range whose quantized value
-      is at (or past, i.e. Inf) that end: ``(x > hi and q >= hi) or (x < lo and q <= lo)``,
-      where ``[lo, hi]`` is the range of values the format can give — ``±max_value`` for
-      :class:`FloatingPoint`; ``[-2**(wl-1), 2**(wl-1)-1] * 2**-fl`` for :class:`FixedPoint`
-      (``-lo == hi`` if symmetric, unbounded if ``clamp=False``); for
-      :class:`BlockFloatingPoint` ``±(2**(E+1) - 2**(E-wl+2))`` with E the exponent of the
-      element's own block (0 for a block with no nonzero finite value). ±Inf inputs count as
-      saturated.
-    * ``flushed``: the fraction of elements with ``x != 0`` but ``q == 0``.
-    * ``sqnr_db``: ``10*log10(sum(x**2) / sum((x-q)**2))`` over the elements where x is
-      finite; ``inf`` if q equals x there, ``-inf`` if a finite value overflowed to Inf.
 
     Fractions are of all elements (NaN included). Comparisons are made in float32, as the
     kernels compute.
+
+    Args:
+        x: the values before quantization.
+        q: ``x`` quantized to ``fmt`` (same shape as ``x``).
+        fmt: the format ``q`` was quantized to (a ``Format`` or a format string).
+
+    Returns:
+        A dict with these keys:
+
+        * ``saturated``: the fraction of elements beyond the format's range whose quantized value
+          is at (or past, i.e. Inf) that end: ``(x > hi and q >= hi) or (x < lo and q <= lo)``,
+          where ``[lo, hi]`` is the range of values the format can give — ``±max_value`` for
+          :class:`FloatingPoint`; ``[-2**(wl-1), 2**(wl-1)-1] * 2**-fl`` for :class:`FixedPoint`
+          (``-lo == hi`` if symmetric, unbounded if ``clamp=False``); for
+          :class:`BlockFloatingPoint` ``±(2**(E+1) - 2**(E-wl+2))`` with E the exponent of the
+          element's own block (0 for a block with no nonzero finite value). ±Inf inputs count as
+          saturated.
+        * ``flushed``: the fraction of elements with ``x != 0`` but ``q == 0``.
+        * ``sqnr_db``: ``10*log10(sum(x**2) / sum((x-q)**2))`` over the elements where x is
+          finite; ``inf`` if q equals x there, ``-inf`` if a finite value overflowed to Inf.
+
+    Raises:
+        TypeError: if ``x`` or ``q`` is not a tensor.
+        ValueError: if their shapes differ or ``x`` is empty.
     """
     if not isinstance(x, Tensor) or not isinstance(q, Tensor):
         raise TypeError("x and q must be tensors")
@@ -138,21 +152,25 @@ class _Ratio(Metric):
 
     full_state_update = False
     higher_is_better = None
+    numerator: Tensor
+    denominator: Tensor
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("numerator", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("denominator", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
+    @override
     def update(self, numerator: Tensor, denominator: Tensor) -> None:
         self.numerator += numerator.to(self.numerator.device, torch.int64)
         self.denominator += denominator.to(self.denominator.device, torch.int64)
 
+    @override
     def compute(self) -> Tensor:
         return self.numerator.to(torch.get_default_dtype()) / self.denominator
 
 
-def _default_batch_fn(batch) -> tuple[Any, Tensor]:
+def _default_batch_fn(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(
@@ -162,11 +180,11 @@ def _default_batch_fn(batch) -> tuple[Any, Tensor]:
     )
 
 
-def _default_forward_fn(pl_module: nn.Module, inputs) -> Tensor:
+def _default_forward_fn(pl_module: nn.Module, inputs: Any) -> Tensor:
     return pl_module(inputs)
 
 
-def _correct(logits, targets) -> Tensor:
+def _correct(logits: object, targets: object) -> Tensor:
     if not isinstance(logits, Tensor) or logits.dim() < 2:
         raise TypeError(
             "QuantizationMetrics needs forward_fn(pl_module, inputs) to return logits of shape (N, C, ...), got "
@@ -188,9 +206,9 @@ def _correct(logits, targets) -> Tensor:
 
 
 @contextlib.contextmanager
-def _preserved_rng(device: torch.device):
+def _preserved_rng(device: torch.device) -> Iterator[None]:
     """Restore the CPU (and this CUDA device's) RNG state afterwards."""
-    devices = []
+    devices: list[int] = []
     if device.type == "cuda":
         devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
@@ -253,7 +271,7 @@ class QuantizationMetrics(pl.Callback):
         every_n_steps: int | None = 50,
         batch_fn: Callable[[Any], tuple[Any, Tensor]] | None = None,
         forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
@@ -278,8 +296,11 @@ class QuantizationMetrics(pl.Callback):
 
     # ---- setup ----------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        found = [cb for cb in trainer.callbacks if isinstance(cb, QuantizeActivations)]
+        # Trainer gets `callbacks` from its CallbackConnector at run time; the class does not declare it.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        found = [cb for cb in callbacks if isinstance(cb, QuantizeActivations)]
         if len(found) > 1:
             raise ValueError(
                 f"QuantizationMetrics compares against one QuantizeActivations callback; the trainer has {len(found)}"
@@ -308,7 +329,7 @@ class QuantizationMetrics(pl.Callback):
                 for metric in metrics.values():
                     metric.reset()
 
-    def _logits(self, pl_module, inputs, quantized: bool) -> Tensor:
+    def _logits(self, pl_module: pl.LightningModule, inputs: Any, quantized: bool) -> Tensor:
         qa = self._quantizer
         if qa is None:
             return self.forward_fn(pl_module, inputs)
@@ -321,7 +342,9 @@ class QuantizationMetrics(pl.Callback):
         finally:
             qa.quantize_eval = previous
 
-    def _evaluation_batch(self, trainer, pl_module, batch, dataloader_idx: int, stage: str) -> None:
+    def _evaluation_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int, stage: str
+    ) -> None:
         if trainer.sanity_checking:
             return
         inputs, targets = self.batch_fn(batch)
@@ -345,16 +368,36 @@ class QuantizationMetrics(pl.Callback):
                 metric_attribute=f"_quantization_metrics_{stage}_{dataloader_idx}_{name}",
             )
 
-    def on_validation_epoch_start(self, trainer, pl_module):
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset("validate")
 
-    def on_test_epoch_start(self, trainer, pl_module):
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset("test")
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._evaluation_batch(trainer, pl_module, batch, dataloader_idx, "validate")
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._evaluation_batch(trainer, pl_module, batch, dataloader_idx, "test")
 
     # ---- per-layer statistics: sampled training steps -------------------------------------------
@@ -366,11 +409,15 @@ class QuantizationMetrics(pl.Callback):
             return {}
         return {name: settings[0] for name, settings in qa.hooked.items() if settings[0] is not None}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
+        qa = self._quantizer
         if (
             self.every_n_steps is None
-            or self._quantizer is None
+            or qa is None
             or step % self.every_n_steps != 0
             or step == self.last_sampled_step  # the later micro-batches of an accumulated step
         ):
@@ -381,18 +428,17 @@ class QuantizationMetrics(pl.Callback):
         modules = dict(pl_module.named_modules())
         for name, fmt in self._layers().items():
             if name in modules:
-                self._attach(name, modules[name], fmt)
+                self._attach(qa, name, modules[name], fmt)
 
-    def _attach(self, name: str, module: nn.Module, fmt: Format) -> None:
-        qa = self._quantizer
+    def _attach(self, qa: QuantizeActivations, name: str, module: nn.Module, fmt: Format) -> None:
         pending: list[Tensor | None] = []
 
-        def before_quantizer(mod, args, output):
+        def before_quantizer(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             quantizes = qa.enabled and (mod.training or qa.quantize_eval)
             is_float = isinstance(output, Tensor) and output.is_floating_point()
             pending.append(output.detach() if quantizes and is_float else None)
 
-        def after_quantizer(mod, args, output):
+        def after_quantizer(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             x = pending.pop() if pending else None
             if x is None or not isinstance(output, Tensor) or output.shape != x.shape:
                 return
@@ -409,7 +455,10 @@ class QuantizationMetrics(pl.Callback):
             handle.remove()
         self._handles = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
         if self._sampling_step is None:
             return
         step, self._sampling_step = self._sampling_step, None
@@ -437,10 +486,12 @@ class QuantizationMetrics(pl.Callback):
 
     # ---- cleanup --------------------------------------------------------------------------------
 
-    def teardown(self, trainer, pl_module, stage):
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._sampling_step = None
         self._sums = {}
 
-    def on_exception(self, trainer, pl_module, exception):
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "")

@@ -33,9 +33,18 @@ values and the seed (``quantize(x.t().contiguous().t())`` draws differently from
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, as_format, check_rounding
+from lightning_lowp.formats import (
+    BlockFloatingPoint,
+    FixedPoint,
+    FloatingPoint,
+    Format,
+    FormatLike,
+    as_format,
+    check_rounding,
+)
 
 __all__ = ["reference_quantize", "random_bits", "kernel_counters", "block_range"]
 
@@ -47,7 +56,7 @@ _TWO32 = 2.0**32
 # ---- random bits -----------------------------------------------------------------------
 
 
-def _mix32(x: np.ndarray) -> np.ndarray:
+def _mix32(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """lowbias32 on uint32 values held in uint64 (products masked back to 32 bits)."""
     x = x ^ (x >> np.uint64(16))
     x = (x * np.uint64(0x7FEB352D)) & _MASK32
@@ -56,12 +65,19 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(16))
 
 
-def random_bits(key: int, counters) -> np.ndarray:
+def random_bits(key: int, counters: npt.ArrayLike) -> npt.NDArray[np.uint64]:
     """The 32 random bits (as uint64 values < 2**32) of the elements with the given counters.
 
     ``random_bits(key, c) = mix32(mix32(lo32(c) ^ lo32(key)) + (hi32(key) ^ hi32(c) * 0x9e3779b9))``
-    in uint32 arithmetic; ``key`` is taken modulo 2**64 (so the signed value
-    ``torch.ops.lowp.draw_key`` returns can be passed as is).
+    in uint32 arithmetic.
+
+    Args:
+        key: the stochastic-rounding key, taken modulo 2**64 (so the signed value
+            ``torch.ops.lowp.draw_key`` returns can be passed as is).
+        counters: the elements' counters (see :func:`kernel_counters`), converted to uint64.
+
+    Returns:
+        The random bits, a uint64 array of the counters' shape.
     """
     key = int(key) % 2**64
     c = np.asarray(counters, dtype=np.uint64)
@@ -76,6 +92,13 @@ def kernel_counters(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
     See the module docstring: storage order for dense tensors and the element-wise formats,
     row-major order of the (possibly dim-moved) tensor otherwise.
+
+    Args:
+        x: the tensor a ``quantize`` call rounds (its layout matters, not its values).
+        fmt: the format it rounds to.
+
+    Returns:
+        An int64 tensor of x's shape (on the CPU): each element's counter.
     """
     shape = x.shape
     if isinstance(fmt, BlockFloatingPoint):
@@ -111,7 +134,9 @@ def _floor_log2(a: torch.Tensor) -> torch.Tensor:
     return k.to(torch.int64) - 1
 
 
-def _round_magnitude(a, q, negative, rounding, rbits):
+def _round_magnitude(
+    a: torch.Tensor, q: torch.Tensor, negative: torch.Tensor, rounding: str, rbits: torch.Tensor | None
+) -> torch.Tensor:
     """|x| = a (float64, finite, >= 0) rounded to a multiple of q; returns float64."""
     t = a / q
     k = torch.floor(t)
@@ -128,6 +153,8 @@ def _round_magnitude(a, q, negative, rounding, rbits):
     elif rounding == "up":  # toward +inf: away from zero for positive values
         up = ~negative & (frac > 0)
     else:  # stochastic: away from zero with probability floor(frac * 2**32) / 2**32
+        if rbits is None:
+            raise ValueError(f"rounding={rounding!r} needs the random bits")
         up = rbits < torch.floor(frac * _TWO32)
     return torch.where(up, (k + 1) * q, k * q)
 
@@ -146,7 +173,14 @@ def _may_round_away(rounding: str, negative: torch.Tensor) -> torch.Tensor:
 # ---- formats ------------------------------------------------------------------------------
 
 
-def _fixed(a, finite, negative, fmt: FixedPoint, rounding, rbits):
+def _fixed(
+    a: torch.Tensor,
+    finite: torch.Tensor,
+    negative: torch.Tensor,
+    fmt: FixedPoint,
+    rounding: str,
+    rbits: torch.Tensor | None,
+) -> torch.Tensor:
     q = 2.0**-fmt.fl
     top = 2.0 ** (fmt.wl - 1)
     inf = float("inf")
@@ -158,7 +192,14 @@ def _fixed(a, finite, negative, fmt: FixedPoint, rounding, rbits):
     return torch.where(finite, mag, limit)  # +-Inf: the range end (Inf itself without clamping)
 
 
-def _float(a, finite, negative, fmt: FloatingPoint, rounding, rbits):
+def _float(
+    a: torch.Tensor,
+    finite: torch.Tensor,
+    negative: torch.Tensor,
+    fmt: FloatingPoint,
+    rounding: str,
+    rbits: torch.Tensor | None,
+) -> torch.Tensor:
     max_value = fmt.max_value
     safe = torch.where(finite & (a > 0), a, 1.0)
     e = _floor_log2(safe)  # binade of |x|
@@ -202,9 +243,17 @@ def _block_max(a: torch.Tensor, fmt: BlockFloatingPoint) -> torch.Tensor:
 
 
 def block_range(a: torch.Tensor, fmt: BlockFloatingPoint) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step, limit) of each element's block, for magnitudes ``a`` (float64): the block holds
-    multiples of ``step`` up to ``limit``; a block with no nonzero finite value, or wl=1,
-    holds only 0.
+    """(step, limit) of each element's block, for magnitudes ``a`` (float64).
+
+    The block holds multiples of ``step`` up to ``limit``; a block with no nonzero finite value,
+    or wl=1, holds only 0.
+
+    Args:
+        a: the magnitudes (float64).
+        fmt: the block floating-point format.
+
+    Returns:
+        ``(step, limit)``, float64 tensors of a's shape.
     """
     m = _block_max(a, fmt)
     zero_block = (m == 0) | (fmt.wl == 1)
@@ -216,7 +265,14 @@ def block_range(a: torch.Tensor, fmt: BlockFloatingPoint) -> tuple[torch.Tensor,
     return q, torch.where(zero_block, 0.0, limit)
 
 
-def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
+def _block(
+    a: torch.Tensor,
+    finite: torch.Tensor,
+    negative: torch.Tensor,
+    fmt: BlockFloatingPoint,
+    rounding: str,
+    rbits: torch.Tensor | None,
+) -> torch.Tensor:
     q, limit = block_range(a, fmt)
     mag = _round_magnitude(torch.where(finite, a, 0.0), q, negative, rounding, rbits)
     mag = torch.minimum(mag, limit)
@@ -225,15 +281,28 @@ def _block(a, finite, negative, fmt: BlockFloatingPoint, rounding, rbits):
 
 def reference_quantize(
     x: torch.Tensor,
-    fmt: Format | str,
+    fmt: FormatLike,
     rounding: str = "nearest",
     key: int | None = None,
 ) -> torch.Tensor:
     """``x`` rounded to ``fmt`` exactly as the contract says; x's dtype and shape.
 
-    ``key`` seeds stochastic rounding (the value ``torch.ops.lowp.draw_key`` returns, i.e.
-    the key a ``quantize`` call draws); ``None`` draws one from torch's default generator,
-    as :func:`lightning_lowp.quantize` does. The sign of zero follows x (-0.3 -> -0.0).
+    The sign of zero follows x (-0.3 -> -0.0).
+
+    Args:
+        x: a floating-point tensor.
+        fmt: the format (a ``Format`` or a format string).
+        rounding: the rounding mode.
+        key: seeds stochastic rounding (the value ``torch.ops.lowp.draw_key`` returns, i.e.
+            the key a ``quantize`` call draws); ``None`` draws one from torch's default
+            generator, as :func:`lightning_lowp.quantize` does.
+
+    Returns:
+        The rounded tensor, of x's dtype, shape and device.
+
+    Raises:
+        TypeError: if ``x`` is not a floating-point tensor or ``fmt`` not one of the formats.
+        ValueError: for an unknown rounding mode or a bad format string.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor")
@@ -242,7 +311,7 @@ def reference_quantize(
     x32 = x.detach().cpu().to(torch.float32)
     if x32.numel() == 0:
         return x.detach().clone()
-    rbits = None
+    rbits: torch.Tensor | None = None
     if rounding == "stochastic":
         if key is None:
             key = int(torch.ops.lowp.draw_key())

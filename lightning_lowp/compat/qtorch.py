@@ -43,10 +43,12 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast, overload
 
 import torch
 from torch import nn
 from torch.optim import SGD, Adam, Optimizer
+from typing_extensions import override
 
 from lightning_lowp import formats as _lp
 from lightning_lowp.functional import quantize as _quantize
@@ -69,7 +71,7 @@ __all__ = [
 ROUNDINGS = ("stochastic", "nearest")
 
 
-def _check_rounding(rounding, argument: str = "rounding") -> str:
+def _check_rounding(rounding: str, argument: str = "rounding") -> str:
     if not isinstance(rounding, str) or rounding not in ROUNDINGS:
         raise ValueError(f"{argument}={rounding!r} is not a QPyTorch rounding; accepted: {', '.join(ROUNDINGS)}")
     return rounding
@@ -85,96 +87,141 @@ class Number:
     rounding mode QPyTorch's rounding ``r`` ("nearest" or "stochastic") maps to.
     """
 
-    _fields: tuple = ()
+    _fields: tuple[str, ...] = ()
     #: the lightning_lowp mode QPyTorch's "nearest" maps to for this kind of number
-    nearest = "nearest_away"
+    nearest: str = "nearest_away"
 
     def to_lowp(self) -> _lp.Format:
+        """The equivalent lightning_lowp format.
+
+        Raises:
+            ValueError: if the number's parameters are out of range.
+        """
         raise NotImplementedError
 
     def rounding(self, rounding: str, argument: str = "rounding") -> str:
+        """The lightning_lowp rounding mode QPyTorch's ``rounding`` maps to for this number.
+
+        Args:
+            rounding: ``"nearest"`` or ``"stochastic"``.
+            argument: the argument name an error message gives.
+
+        Returns:
+            :attr:`nearest` for ``"nearest"``, ``"stochastic"`` for ``"stochastic"``.
+
+        Raises:
+            ValueError: if ``rounding`` is not one of QPyTorch's roundings.
+        """
         return self.nearest if _check_rounding(rounding, argument) == "nearest" else "stochastic"
 
-    def _values(self):
+    def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, f) for f in self._fields)
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other._values() == self._values()
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and isinstance(other, Number) and other._values() == self._values()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((type(self).__name__, *self._values()))
 
 
 class FixedPoint(Number):
-    """QPyTorch's ``FixedPoint(wl, fl, clamp=True, symmetric=False)``: multiples of 2^-fl in
-    [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (``symmetric``: from -2^(wl-fl-1) + 2^-fl); ``clamp=False``
-    keeps the grid only. ``wl`` 1..25 (float32 holds every such value exactly).
+    """QPyTorch's ``FixedPoint(wl, fl, clamp=True, symmetric=False)``.
+
+    Multiples of 2^-fl in [-2^(wl-fl-1), 2^(wl-fl-1) - 2^-fl] (``symmetric``: from
+    -2^(wl-fl-1) + 2^-fl); ``clamp=False`` keeps the grid only.
+
+    Args:
+        wl: word length, 1..25 (float32 holds every such value exactly).
+        fl: fractional length.
+        clamp: saturate to the range; ``False`` keeps the grid only.
+        symmetric: the range starts at -2^(wl-fl-1) + 2^-fl.
+
+    Raises:
+        ValueError: if an argument is out of range.
     """
 
     _fields = ("wl", "fl", "clamp", "symmetric")
 
-    def __init__(self, wl, fl, clamp=True, symmetric=False):
+    def __init__(self, wl: int, fl: int, clamp: bool = True, symmetric: bool = False) -> None:
         self.wl, self.fl, self.clamp, self.symmetric = wl, fl, clamp, symmetric
         self.to_lowp()  # validates
 
+    @override
     def to_lowp(self) -> _lp.FixedPoint:
         return _lp.FixedPoint(self.wl, self.fl, clamp=self.clamp, symmetric=self.symmetric)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FixedPoint (wl={self.wl}, fl={self.fl})"
 
     __str__ = __repr__
 
 
 class FloatingPoint(Number):
-    """QPyTorch's ``FloatingPoint(exp, man)``: bias 2^(exp-1)-1, IEEE exponent range and
-    subnormals, no Inf/NaN codes (overflow and +-Inf saturate to +-max). ``exp`` 2..8 (QPyTorch's
-    exp=1 has no normal numbers), ``man`` 0..23.
+    """QPyTorch's ``FloatingPoint(exp, man)``.
+
+    Bias 2^(exp-1)-1, IEEE exponent range and subnormals, no Inf/NaN codes (overflow and +-Inf
+    saturate to +-max).
+
+    Args:
+        exp: exponent bits, 2..8 (QPyTorch's exp=1 has no normal numbers).
+        man: mantissa bits, 0..23.
+
+    Raises:
+        ValueError: if an argument is out of range.
     """
 
     _fields = ("exp", "man")
 
-    def __init__(self, exp, man):
+    def __init__(self, exp: int, man: int) -> None:
         self.exp, self.man = exp, man
         self.to_lowp()  # validates
 
+    @override
     def to_lowp(self) -> _lp.FloatingPoint:
         # QPyTorch accepts exp=1, but with its IEEE exponent range that format has no normal numbers.
-        _lp._check_int("exp", self.exp, 2, 8, " (exp=1 has no normal numbers in QPyTorch's IEEE exponent range)")
+        _lp.check_int("exp", self.exp, 2, 8, " (exp=1 has no normal numbers in QPyTorch's IEEE exponent range)")
         return _lp.FloatingPoint(self.exp, self.man, subnormals=True, specials="ieee", overflow="saturate")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FloatingPoint (exponent={self.exp}, mantissa={self.man})"
 
     __str__ = __repr__
 
 
 class BlockFloatingPoint(Number):
-    """QPyTorch's ``BlockFloatingPoint(wl, dim=-1)``: each block shares the exponent
-    E = floor(log2 max|x|) of its largest finite magnitude and holds multiples of 2^(E-wl+2) up to
-    +-(2^(E+1) - 2^(E-wl+2)). ``dim=-1``: the whole tensor is one block; ``dim=d >= 0``: one
-    exponent per index along d. ``wl`` 1..25.
+    """QPyTorch's ``BlockFloatingPoint(wl, dim=-1)``.
+
+    Each block shares the exponent E = floor(log2 max|x|) of its largest finite magnitude and
+    holds multiples of 2^(E-wl+2) up to +-(2^(E+1) - 2^(E-wl+2)).
+
+    Args:
+        wl: word length, 1..25.
+        dim: ``-1``: the whole tensor is one block; ``d >= 0``: one exponent per index along d.
+
+    Raises:
+        ValueError: if an argument is out of range.
     """
 
     _fields = ("wl", "dim")
 
-    def __init__(self, wl, dim=-1):
+    def __init__(self, wl: int, dim: int = -1) -> None:
         self.wl, self.dim = wl, dim
         self.to_lowp()  # validates
 
+    @override
     def to_lowp(self) -> _lp.BlockFloatingPoint:
         fmt = _lp.BlockFloatingPoint(self.wl, dim=self.dim)
         if self.dim < -1:
             raise ValueError(f"dim={self.dim} is out of range; accepted: -1 (the whole tensor is one block) or >= 0")
         return fmt
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"BlockFloatingPoint (wl={self.wl}, dim={self.dim})"
 
     __str__ = __repr__
 
 
-def _check_number(number, argument: str) -> Number | None:
+def _check_number(number: object, argument: str) -> Number | None:
     if number is not None and not isinstance(number, Number):
         raise ValueError(
             f"{argument} must be a FixedPoint, FloatingPoint or BlockFloatingPoint (from "
@@ -186,27 +233,62 @@ def _check_number(number, argument: str) -> Number | None:
 # ---- functions -----------------------------------------------------------------------------
 
 
-def fixed_point_quantize(x, wl, fl, clamp=True, symmetric=False, rounding="stochastic"):
-    """``x`` rounded to ``FixedPoint(wl, fl, clamp, symmetric)``; a new tensor of x's shape and dtype."""
+def fixed_point_quantize(
+    x: torch.Tensor, wl: int, fl: int, clamp: bool = True, symmetric: bool = False, rounding: str = "stochastic"
+) -> torch.Tensor:
+    """``x`` rounded to ``FixedPoint(wl, fl, clamp, symmetric)``; a new tensor of x's shape and dtype.
+
+    Args:
+        x: the tensor to round.
+        wl: word length (see :class:`FixedPoint`).
+        fl: fractional length.
+        clamp: saturate to the range; ``False`` keeps the grid only.
+        symmetric: the range starts at -2^(wl-fl-1) + 2^-fl.
+        rounding: ``"stochastic"`` or ``"nearest"`` (QPyTorch's roundings).
+
+    Returns:
+        The rounded tensor.
+    """
     number = FixedPoint(wl, fl, clamp, symmetric)
     return _quantize(x, number.to_lowp(), number.rounding(rounding))
 
 
-def float_quantize(x, exp, man, rounding="stochastic"):
-    """``x`` rounded to ``FloatingPoint(exp, man)``; a new tensor of x's shape and dtype."""
+def float_quantize(x: torch.Tensor, exp: int, man: int, rounding: str = "stochastic") -> torch.Tensor:
+    """``x`` rounded to ``FloatingPoint(exp, man)``; a new tensor of x's shape and dtype.
+
+    Args:
+        x: the tensor to round.
+        exp: exponent bits (see :class:`FloatingPoint`).
+        man: mantissa bits.
+        rounding: ``"stochastic"`` or ``"nearest"`` (QPyTorch's roundings).
+
+    Returns:
+        The rounded tensor.
+    """
     number = FloatingPoint(exp, man)
     return _quantize(x, number.to_lowp(), number.rounding(rounding))
 
 
-def block_quantize(x, wl, dim=-1, rounding="stochastic"):
-    """``x`` rounded to ``BlockFloatingPoint(wl, dim)``; a new tensor of x's shape and dtype."""
+def block_quantize(x: torch.Tensor, wl: int, dim: int = -1, rounding: str = "stochastic") -> torch.Tensor:
+    """``x`` rounded to ``BlockFloatingPoint(wl, dim)``; a new tensor of x's shape and dtype.
+
+    Args:
+        x: the tensor to round.
+        wl: word length (see :class:`BlockFloatingPoint`).
+        dim: ``-1``: the whole tensor is one block; ``d >= 0``: one exponent per index along d.
+        rounding: ``"stochastic"`` or ``"nearest"`` (QPyTorch's roundings).
+
+    Returns:
+        The rounded tensor.
+    """
     number = BlockFloatingPoint(wl, dim)
     return _quantize(x, number.to_lowp(), number.rounding(rounding))
 
 
-def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str):
-    """Clamped fixed-point rounding and the mask of the elements whose rounded value was
-    outside the range (QPyTorch's ``fixed_point_quantize_*_mask``).
+def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamped fixed-point rounding and the mask of the elements whose rounded value was outside the range.
+
+    QPyTorch's ``fixed_point_quantize_*_mask``.
     """
     fmt = number.to_lowp()
     q = _quantize(x.float(), dataclasses.replace(fmt, clamp=False), rounding)
@@ -224,24 +306,33 @@ class _Spec:
     forward_rounding: str  # lightning_lowp modes
     backward_rounding: str
     clamping_grad_zero: bool
-    backward_hooks: tuple
+    backward_hooks: tuple[Callable[[torch.Tensor], torch.Tensor], ...]
+
+
+class _QuantizeFunction(Protocol):
+    """What :func:`quantizer` returns: a function of a tensor, with its settings as ``spec``."""
+
+    spec: _Spec
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class _Rounding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec: _Spec):
+    def forward(ctx: Any, x: torch.Tensor, spec: _Spec) -> torch.Tensor:
         ctx.spec, ctx.mask = spec, None
         if spec.forward is None:
             if spec.clamping_grad_zero:
                 ctx.mask = torch.zeros_like(x, dtype=torch.bool)
             return x.view_as(x)
         if spec.clamping_grad_zero:
+            assert isinstance(spec.forward, FixedPoint)  # quantizer() allows only a clamping FixedPoint here
             out, ctx.mask = _fixed_with_mask(x, spec.forward, spec.forward_rounding)
             return out
         return _quantize(x, spec.forward.to_lowp(), spec.forward_rounding)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         spec = ctx.spec
         for hook in spec.backward_hooks:
             grad = hook(grad)
@@ -253,20 +344,34 @@ class _Rounding(torch.autograd.Function):
 
 
 def quantizer(
-    forward_number=None,
-    backward_number=None,
-    forward_rounding="stochastic",
-    backward_rounding="stochastic",
-    clamping_grad_zero=False,
-    backward_hooks=(),
+    forward_number: Number | None = None,
+    backward_number: Number | None = None,
+    forward_rounding: str = "stochastic",
+    backward_rounding: str = "stochastic",
+    clamping_grad_zero: bool = False,
+    backward_hooks: Iterable[Callable[[torch.Tensor], torch.Tensor]] = (),
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function ``f(x)``: x rounded to ``forward_number`` in the forward pass, the gradient
-    flowing back through it rounded to ``backward_number`` (``None``: unchanged).
+    """A function ``f(x)`` that rounds x forward and its gradient backward.
 
-    ``clamping_grad_zero=True`` (``forward_number`` a clamping ``FixedPoint`` or ``None``) zeroes
-    the gradient of the elements the forward pass clamped. ``backward_hooks`` are functions
-    applied, in order, to the gradient before its rounding. (QPyTorch applies the hooks and the
-    mask only with ``clamping_grad_zero=True`` and a ``backward_number``; here they always apply.)
+    ``f(x)`` is x rounded to ``forward_number`` in the forward pass; the gradient flowing back
+    through it is rounded to ``backward_number`` (``None``: unchanged). (QPyTorch applies the
+    hooks and the mask only with ``clamping_grad_zero=True`` and a ``backward_number``; here
+    they always apply.)
+
+    Args:
+        forward_number: the number format of the forward pass, or ``None``.
+        backward_number: the number format of the gradient, or ``None``.
+        forward_rounding: ``"stochastic"`` or ``"nearest"``.
+        backward_rounding: ``"stochastic"`` or ``"nearest"``.
+        clamping_grad_zero: ``True`` (``forward_number`` a clamping ``FixedPoint`` or ``None``)
+            zeroes the gradient of the elements the forward pass clamped.
+        backward_hooks: functions applied, in order, to the gradient before its rounding.
+
+    Returns:
+        The function ``f``.
+
+    Raises:
+        ValueError: if an argument is not one QPyTorch accepts.
     """
     forward_number = _check_number(forward_number, "forward_number")
     backward_number = _check_number(backward_number, "backward_number")
@@ -283,6 +388,7 @@ def quantizer(
             "clamping_grad_zero=True needs forward_number to be a FixedPoint with clamp=True (or None), "
             f"got {forward_number!r}"
         )
+    hooks: tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None
     if isinstance(backward_hooks, Iterable) and not isinstance(backward_hooks, (str, bytes)):
         hooks = tuple(backward_hooks)
     else:
@@ -301,28 +407,41 @@ def quantizer(
     def quantize(x: torch.Tensor) -> torch.Tensor:
         return _Rounding.apply(x, spec)
 
-    quantize.spec = spec
-    return quantize
+    function = cast(_QuantizeFunction, quantize)
+    function.spec = spec
+    return function
 
 
 class Quantizer(nn.Module):
-    """:func:`quantizer` as a module (QPyTorch's ``qtorch.quant.Quantizer``)."""
+    """:func:`quantizer` as a module (QPyTorch's ``qtorch.quant.Quantizer``).
+
+    Args:
+        forward_number: the number format of the forward pass, or ``None``.
+        backward_number: the number format of the gradient, or ``None``.
+        forward_rounding: ``"stochastic"`` or ``"nearest"``.
+        backward_rounding: ``"stochastic"`` or ``"nearest"``.
+
+    Raises:
+        ValueError: if an argument is not one QPyTorch accepts.
+    """
 
     def __init__(
         self,
-        forward_number=None,
-        backward_number=None,
-        forward_rounding="stochastic",
-        backward_rounding="stochastic",
-    ):
+        forward_number: Number | None = None,
+        backward_number: Number | None = None,
+        forward_rounding: str = "stochastic",
+        backward_rounding: str = "stochastic",
+    ) -> None:
         super().__init__()
         self.quantize = quantizer(forward_number, backward_number, forward_rounding, backward_rounding)
         self.forward_number, self.backward_number = forward_number, backward_number
         self.forward_rounding, self.backward_rounding = forward_rounding, backward_rounding
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x)
 
+    @override
     def extra_repr(self) -> str:
         return (
             f"forward_number={self.forward_number}, backward_number={self.backward_number}, "
@@ -334,8 +453,7 @@ class Quantizer(nn.Module):
 
 
 class OptimLP(Optimizer):
-    """QPyTorch's low-precision optimizer wrapper around a ``torch.optim.SGD`` or ``Adam``
-    (``AdamW`` included).
+    """QPyTorch's low-precision optimizer wrapper around a ``torch.optim.SGD`` or ``Adam`` (``AdamW`` included).
 
     ``step()`` does, in QPyTorch's order: each gradient times ``grad_scaling``, rounded by
     ``grad_quant``; with ``acc_quant``, each weight replaced by its accumulator (a copy of the
@@ -348,17 +466,38 @@ class OptimLP(Optimizer):
     Beyond QPyTorch: ``step(closure)`` evaluates the closure first (QPyTorch ignores it), a
     parameter without a gradient or without optimizer state is skipped, and ``state_dict()``
     holds the wrapped optimizer's state and the accumulators.
+
+    Args:
+        optim: the wrapped ``torch.optim.SGD`` or ``Adam`` (``AdamW`` included).
+        weight_quant: rounds the weights after each step, or ``None``.
+        grad_scaling: each gradient is multiplied by it before ``grad_quant`` (a positive finite number).
+        grad_quant: rounds the (scaled) gradients, or ``None``.
+        momentum_quant: rounds SGD's ``momentum_buffer`` or Adam's ``exp_avg`` and ``exp_avg_sq``, or ``None``.
+        acc_quant: rounds the weight accumulators, or ``None`` (no accumulators).
+
+    Raises:
+        ValueError: if ``optim`` is not an SGD or Adam, a ``*_quant`` is not a function, or
+            ``grad_scaling`` is not a positive finite number.
     """
+
+    optim: SGD | Adam
+    grad_scaling: float
+    weight_quant: Callable[[torch.Tensor], torch.Tensor] | None
+    grad_quant: Callable[[torch.Tensor], torch.Tensor] | None
+    momentum_quant: Callable[[torch.Tensor], torch.Tensor] | None
+    acc_quant: Callable[[torch.Tensor], torch.Tensor] | None
+    momentum_keys: list[str]
+    weight_acc: dict[torch.Tensor, torch.Tensor]
 
     def __init__(
         self,
-        optim,
-        weight_quant=None,
-        grad_scaling=1.0,
-        grad_quant=None,
-        momentum_quant=None,
-        acc_quant=None,
-    ):
+        optim: SGD | Adam,
+        weight_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        grad_scaling: float = 1.0,
+        grad_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        momentum_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        acc_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if not isinstance(optim, (SGD, Adam)):
             raise ValueError(
                 f"optim must be a torch.optim.SGD or torch.optim.Adam (or AdamW) instance, got {type(optim).__name__} "
@@ -392,13 +531,27 @@ class OptimLP(Optimizer):
             for p in self._params():
                 self.weight_acc[p] = p.detach().clone()
 
-    def _params(self):
+    def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @override
     @torch.no_grad()
-    def step(self, closure=None):
-        """One step of the wrapped optimizer with the quantizations around it (see the class)."""
-        loss = None
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One step of the wrapped optimizer with the quantizations around it (see the class).
+
+        Args:
+            closure: re-evaluates the model and returns the loss; evaluated first, with gradients enabled.
+
+        Returns:
+            The closure's loss, else what the wrapped optimizer's step returns.
+        """
+        loss: float | None = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -428,17 +581,20 @@ class OptimLP(Optimizer):
                             state[key] = self.momentum_quant(state[key])
         return loss
 
+    @override
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optim.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self):
+    @override
+    def state_dict(self) -> dict[str, Any]:
         params = self._params()
         return {
             "optim": self.optim.state_dict(),
             "weight_acc": [self.weight_acc[p].clone() for p in params] if self.acc_quant is not None else None,
         }
 
-    def load_state_dict(self, state_dict) -> None:
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "optim" not in state_dict:
             raise ValueError("state_dict must be a dict from OptimLP.state_dict() (keys 'optim', 'weight_acc')")
         self.optim.load_state_dict(state_dict["optim"])
@@ -451,5 +607,5 @@ class OptimLP(Optimizer):
             for p, acc in zip(params, accs, strict=False):
                 self.weight_acc[p] = acc.detach().to(device=p.device, dtype=p.dtype).clone()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"LP Optimizer: {self.optim!r}"
