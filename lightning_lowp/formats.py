@@ -26,6 +26,7 @@ Spaces are ignored; names and keywords are case-insensitive.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import Field, dataclass, fields
 from typing import Any, ClassVar
@@ -164,6 +165,23 @@ class FixedPoint(Format):
     def kernel_params(self) -> dict[str, int]:
         return {"wl": self.wl, "fl": self.fl, "clamp": int(self.clamp), "symmetric": int(self.symmetric)}
 
+    @property
+    def step(self) -> float:
+        """The grid step, 2**-fl."""
+        return 2.0**-self.fl
+
+    @property
+    def max_value(self) -> float:
+        """Largest value (``inf`` without clamping)."""
+        return (2.0 ** (self.wl - 1) - 1) * self.step if self.clamp else math.inf
+
+    @property
+    def min_value(self) -> float:
+        """Most negative value (``-inf`` without clamping)."""
+        if not self.clamp:
+            return -math.inf
+        return -(2.0 ** (self.wl - 1) - (1 if self.symmetric else 0)) * self.step
+
 
 @dataclass(frozen=True)
 class FloatingPoint(Format):
@@ -243,6 +261,11 @@ class FloatingPoint(Format):
                 return 2.0 ** (top - 1)
             return (2.0 - 2.0 ** (1 - self.man)) * 2.0**top
         return (2.0 - 2.0**-self.man) * 2.0**top
+
+    @property
+    def min_value(self) -> float:
+        """Most negative finite value."""
+        return -self.max_value
 
 
 @dataclass(frozen=True)

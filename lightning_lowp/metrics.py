@@ -56,15 +56,8 @@ def _block_limit(x: Tensor, fmt: BlockFloatingPoint) -> Tensor:
 
 def _range(x: Tensor, fmt: Format) -> tuple[float | Tensor, float | Tensor]:
     """(lo, hi): the most negative and most positive value ``fmt`` can give for each element."""
-    if isinstance(fmt, FixedPoint):
-        if not fmt.clamp:
-            return -math.inf, math.inf
-        step = 2.0**-fmt.fl
-        hi = (2.0 ** (fmt.wl - 1) - 1) * step
-        lo = -hi if fmt.symmetric else -(2.0 ** (fmt.wl - 1)) * step
-        return lo, hi
-    if isinstance(fmt, FloatingPoint):
-        return -fmt.max_value, fmt.max_value
+    if isinstance(fmt, (FixedPoint, FloatingPoint)):
+        return fmt.min_value, fmt.max_value
     if isinstance(fmt, BlockFloatingPoint):
         limit = _block_limit(x, fmt)
         return -limit, limit

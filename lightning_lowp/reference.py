@@ -181,13 +181,8 @@ def _fixed(
     rounding: str,
     rbits: torch.Tensor | None,
 ) -> torch.Tensor:
-    q = 2.0**-fmt.fl
-    top = 2.0 ** (fmt.wl - 1)
-    inf = float("inf")
-    max_pos = (top - 1) * q if fmt.clamp else inf
-    max_neg = ((top - 1) if fmt.symmetric else top) * q if fmt.clamp else inf
-    limit = torch.where(negative, torch.tensor(max_neg, dtype=_F64), torch.tensor(max_pos, dtype=_F64))
-    mag = _round_magnitude(torch.where(finite, a, 0.0), torch.full_like(a, q), negative, rounding, rbits)
+    limit = torch.where(negative, torch.tensor(-fmt.min_value, dtype=_F64), torch.tensor(fmt.max_value, dtype=_F64))
+    mag = _round_magnitude(torch.where(finite, a, 0.0), torch.full_like(a, fmt.step), negative, rounding, rbits)
     mag = torch.minimum(mag, limit)  # saturate to the range end (no-op without clamping)
     return torch.where(finite, mag, limit)  # +-Inf: the range end (Inf itself without clamping)
 

@@ -292,9 +292,8 @@ def _fixed_with_mask(x: torch.Tensor, number: FixedPoint, rounding: str) -> tupl
     """
     fmt = number.to_lowp()
     q = _quantize(x.float(), dataclasses.replace(fmt, clamp=False), rounding)
-    step = 2.0**-fmt.fl
-    hi = (2.0 ** (fmt.wl - 1) - 1) * step
-    lo = -(2.0 ** (fmt.wl - 1) - (1 if fmt.symmetric else 0)) * step
+    clamped = dataclasses.replace(fmt, clamp=True)
+    lo, hi = clamped.min_value, clamped.max_value
     mask = (q > hi) | (q < lo)
     return q.clamp(lo, hi).to(x.dtype), mask
 
