@@ -1,9 +1,12 @@
 """QuantizeActivations on a small LightningModule, and the recipe registry."""
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import QUIET, on_grid
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,15 +47,7 @@ def loader(n=32):
 
 
 def trainer(*callbacks, **kwargs):
-    defaults = {
-        "max_steps": 2,
-        "limit_val_batches": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-    }
+    defaults = {**QUIET, "max_steps": 2, "limit_val_batches": 1}
     return pl.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
 
 
@@ -71,10 +66,6 @@ class Recorder(pl.Callback):
         for h in getattr(self, "handles", []):
             h.remove()
         self.handles = []
-
-
-def on_grid(t: torch.Tensor, fmt) -> bool:
-    return torch.equal(lp.quantize(t, fmt), t)
 
 
 def test_activations_are_quantized_in_training_and_hooks_removed_after():
@@ -157,7 +148,7 @@ def test_bad_input_fails_at_setup_not_in_training():
             steps.append(1)
 
     cb = lp.QuantizeActivations(forward="bf16", names=["encoder.*"])
-    with pytest.raises(ValueError, match="'encoder.\\*' matches no module"):
+    with pytest.raises(ValueError, match=re.escape("'encoder.*' matches no module")):
         trainer(cb, CountSteps()).fit(model, loader())
     assert steps == []
     assert not any(m._forward_hooks for m in model.modules())

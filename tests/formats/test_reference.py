@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import f32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,12 +30,6 @@ SPECIAL_VALUES = [0.0, -0.0, math.inf, -math.inf, math.nan, F32_MAX, -F32_MAX, F
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def f32(values) -> torch.Tensor:
-    """float64-ish values -> float32 tensor (values beyond float32 become +-Inf)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return torch.from_numpy(np.asarray(values, dtype=np.float64).astype(np.float32))
 
 
 def from_bits(bits) -> torch.Tensor:
@@ -64,7 +59,8 @@ def as_f64(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, what: str) -> None:
     """Bit-for-bit equality (signed zeros included); NaN must meet NaN."""
-    assert got.shape == expected.shape and got.dtype == expected.dtype, what
+    assert got.shape == expected.shape, what
+    assert got.dtype == expected.dtype, what
     g, e = as_f64(got), as_f64(expected)
     g_nan, e_nan = torch.isnan(g), torch.isnan(e)
     bad = (g_nan != e_nan) | (~g_nan & (g.view(torch.int64) != e.view(torch.int64)))

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_bits_equal, bits, f32
 
 import lightning_lowp as lp
 from lightning_lowp.compat import qtorch as qt
@@ -27,21 +28,6 @@ from lightning_lowp.compat.qtorch import (
     quantizer,
 )
 from lightning_lowp.reference import reference_quantize
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().contiguous().view(torch.int32)
-
-
-def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype
-    assert a.shape == b.shape
-    assert torch.equal(bits(a), bits(b)), (a, b)
-
-
-def f32(values) -> torch.Tensor:
-    return torch.tensor(np.asarray(values, dtype=np.float32))
-
 
 # ---- format mapping -----------------------------------------------------------------------
 

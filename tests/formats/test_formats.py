@@ -1,6 +1,9 @@
 """Formats: construction, validation, the spec grammar and its round trip."""
 
+import math
+
 import pytest
+import torch
 
 import lightning_lowp as lp
 from lightning_lowp.formats import PRESETS
@@ -95,7 +98,7 @@ def test_invalid_parameters_name_the_parameter(make, names):
     "spec", ["fp7", "fixed(8)", "fixed(8,7", "float(4,x)", "bfp(8,color=red)", "fixed(8,dim=1,7)", "", "int8"]
 )
 def test_malformed_specs_raise_value_error(spec):
-    with pytest.raises(ValueError, match="spec|wl|fl|exp|man|accepted"):
+    with pytest.raises(ValueError, match=r"spec|wl|fl|exp|man|accepted"):
         lp.parse_format(spec)
 
 
@@ -107,3 +110,21 @@ def test_unknown_preset_lists_the_presets():
 def test_parse_format_rejects_non_strings():
     with pytest.raises(TypeError):
         lp.parse_format(8)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "lo", "hi"),
+    [
+        (lp.FixedPoint(8, 7), -1.0, 127 / 128),
+        (lp.FixedPoint(8, 7, symmetric=True), -127 / 128, 127 / 128),
+        (lp.FixedPoint(4, -2), -32.0, 28.0),
+        (lp.FixedPoint(8, 7, clamp=False), -math.inf, math.inf),
+        (lp.parse_format("fp8_e4m3"), -448.0, 448.0),
+        (lp.parse_format("fp4_e2m1"), -6.0, 6.0),
+    ],
+    ids=str,
+)
+def test_element_formats_know_their_range(fmt, lo, hi):
+    assert (fmt.min_value, fmt.max_value) == (lo, hi)
+    if math.isfinite(hi):  # the kernels saturate at the same ends
+        assert lp.quantize(torch.tensor([-1e30, 1e30]), fmt).tolist() == [lo, hi]

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import QUIET, on_grid
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,17 +99,13 @@ def fit(module, data, *, plugins=(), callbacks=(), max_steps=None, max_epochs=No
         max_epochs=max_epochs or 1,
         plugins=list(plugins),
         callbacks=list(callbacks),
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
     )
     trainer.fit(module, loader(data), ckpt_path=ckpt_path)
     return trainer
 
 
-def bits(module):
+def param_bits(module):
     return [p.detach().clone().view(torch.int32) for p in module.parameters()]
 
 
@@ -135,7 +132,7 @@ def test_reproduces_the_seed_lp_net_with_optimlp_step_for_step():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        snapshots.append(bits(manual))
+        snapshots.append(param_bits(manual))
 
     # the same with an unmodified model, the plugin and the callback picked by name
     for steps in (1, len(data)):
@@ -146,12 +143,8 @@ def test_reproduces_the_seed_lp_net_with_optimlp_step_for_step():
             plugins=[lp.LowPrecision.from_name("fixed8")],
             callbacks=[lp.QuantizeActivations.from_name("fixed8")],
         )
-        for got, want in zip(bits(module.net), snapshots[steps - 1], strict=False):
+        for got, want in zip(param_bits(module.net), snapshots[steps - 1], strict=False):
             assert torch.equal(got, want), f"differs from the seed after {steps} steps"
-
-
-def on_grid(t, fmt):
-    return torch.equal(lp.quantize(t, fmt), t)
 
 
 def test_any_optimizer_state_is_quantized_and_weights_stay_on_the_grid():
@@ -198,8 +191,9 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     resumed = Module(copy.deepcopy(net))
     fit(resumed, data, plugins=[plugin()], max_epochs=2, ckpt_path=tmp_path / "half.ckpt")
 
-    assert not all(torch.equal(a, b) for a, b in zip(bits(first), bits(straight), strict=False))  # training moved on
-    for a, b in zip(bits(resumed), bits(straight), strict=False):
+    # training moved on
+    assert not all(torch.equal(a, b) for a, b in zip(param_bits(first), param_bits(straight), strict=False))
+    for a, b in zip(param_bits(resumed), param_bits(straight), strict=False):
         assert torch.equal(a, b)
     ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
     assert set(ckpt["LowPrecision"]["master_weights"]) == {n for n, _ in first.named_parameters()}
@@ -213,7 +207,7 @@ def test_stochastic_rounding_differs_between_seeds_and_repeats_under_one():
         module = Module(nn.Sequential(nn.Linear(16, 10)))
         torch.manual_seed(seed)
         fit(module, data, plugins=[lp.LowPrecision(weight="fixed(6,4)", weight_rounding="stochastic")])
-        return bits(module)
+        return param_bits(module)
 
     a, b, c = run(1), run(1), run(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))

@@ -8,7 +8,7 @@ import time
 
 import lightning.pytorch as pl
 import pytest
-import torch
+from helpers import QUIET, on_grid
 
 import lightning_lowp as lp
 from lightning_lowp import data
@@ -43,11 +43,7 @@ def test_lenet_learns_fashion_mnist_with_bfp8():
         callbacks=[activations, recorder],
         max_epochs=1,
         max_steps=STEPS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET,
     )
     (before,) = trainer.validate(model, datamodule=dm, verbose=False)
     start = time.perf_counter()
@@ -61,7 +57,8 @@ def test_lenet_learns_fashion_mnist_with_bfp8():
     first, last = sum(recorder.losses[:20]) / 20, sum(recorder.losses[-20:]) / 20
     print(
         f"{STEPS} steps in {elapsed:.1f}s; loss {first:.3f} -> {last:.3f}; "
-        f"val loss {before['val/loss']:.3f} -> {after['val/loss']:.3f}, val acc {before['val/acc']:.3f} -> {after['val/acc']:.3f}"
+        f"val loss {before['val/loss']:.3f} -> {after['val/loss']:.3f}, "
+        f"val acc {before['val/acc']:.3f} -> {after['val/acc']:.3f}"
     )
     assert first > 1.5  # starts near chance (ln 10 = 2.30)
     assert last < 0.5 * first
@@ -69,7 +66,7 @@ def test_lenet_learns_fashion_mnist_with_bfp8():
     assert after["val/acc"] > 0.65  # chance is 0.10
     # The plugin was at work: every weight tensor lies on its bfp(8) grid.
     for name, p in model.named_parameters():
-        assert torch.equal(lp.quantize(p.detach(), "bfp(8)"), p.detach()), name
+        assert on_grid(p, "bfp(8)"), name
     # ... and so did the callback: the hooks are gone after the run.
     assert not activations._handles
     assert set(activations.hooked) == {"conv1", "conv2", "fc1", "fc2"}

@@ -1,5 +1,5 @@
 """LowPrecision under DDP: two CPU ranks (gloo) with stochastic rounding keep bit-identical
-weights. The work is in tests/ddp_check.py, run as a script because Lightning's DDP launcher
+weights. The work is in ddp_check.py (beside this file), run as a script because Lightning's DDP launcher
 re-runs the script for every extra rank."""
 
 import json
@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-import lightning_lowp as lp
+from helpers import REPO, on_grid
 
 SCRIPT = Path(__file__).with_name("ddp_check.py")
 
@@ -18,7 +17,7 @@ def test_ddp_ranks_keep_identical_weights_with_stochastic_rounding(tmp_path):
     result_path = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(result_path), "6"],
-        cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     output = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, output
@@ -30,5 +29,5 @@ def test_ddp_ranks_keep_identical_weights_with_stochastic_rounding(tmp_path):
     assert result["identical"], f"weights differ across ranks by up to {result['max_abs_difference']}"
     assert result["changed"], "training did not change the weights"
     weights = torch.tensor(result["weights"], dtype=torch.float32)
-    assert torch.equal(lp.quantize(weights, "fixed(8,5)"), weights), "weights are off the fixed(8,5) grid"
-    assert not torch.equal(lp.quantize(weights, "fixed(8,4)"), weights)  # ... and use its finest step
+    assert on_grid(weights, "fixed(8,5)"), "weights are off the fixed(8,5) grid"
+    assert not on_grid(weights, "fixed(8,4)")  # ... and use its finest step

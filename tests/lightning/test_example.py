@@ -5,16 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_lenet_example_end_to_end(tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable,
-        str(ROOT / "examples" / "lenet_lowp.py"),
+        str(REPO / "examples" / "lenet_lowp.py"),
         "--limit-batches",
         "2",
         "--wl",
@@ -45,7 +44,7 @@ def test_lenet_example_end_to_end(tmp_path):
 
 
 def test_example_rejects_bad_arguments():
-    cmd = [sys.executable, str(ROOT / "examples" / "lenet_lowp.py"), "--recipes", "fixed9"]
+    cmd = [sys.executable, str(REPO / "examples" / "lenet_lowp.py"), "--recipes", "fixed9"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "known recipes" in proc.stderr

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import QUIET
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -60,15 +61,7 @@ def loader(n=60, seed=0, scale=1.0, batch_size=16):  # 60 = 16+16+16+12: a short
 
 
 def make_trainer(*callbacks, **kwargs):
-    defaults = {
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "accelerator": "cpu",
-    }
+    defaults = {**QUIET, "max_steps": 2, "num_sanity_val_steps": 0}
     return pl.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
 
 
@@ -170,10 +163,14 @@ def test_batch_fn_and_forward_fn():
 def test_without_quantize_activations_warns_once_and_logs_equal_accuracies():
     model, dl = Net(), loader()
     cb = QuantizationMetrics(every_n_steps=1)
-    with pytest.warns(UserWarning, match="no QuantizeActivations callback") as record:
-        trainer = make_trainer(cb, max_steps=3)
+    trainer = make_trainer(cb, max_steps=3)
+
+    def fit_and_validate():
         trainer.fit(model, dl, dl)
         trainer.validate(model, dl, verbose=False)
+
+    with pytest.warns(UserWarning, match="no QuantizeActivations callback") as record:
+        fit_and_validate()
     assert sum("no QuantizeActivations" in str(w.message) for w in record) == 1
     m = trainer.callback_metrics
     assert m["val/acc_quantized"].item() == m["val/acc_float"].item()

@@ -1,8 +1,8 @@
-"""Standalone DDP check (run by tests/test_ddp.py; Lightning's launcher re-runs this script
+"""Standalone DDP check (run by tests/lightning/test_ddp.py; Lightning's launcher re-runs this script
 once per extra rank): two CPU ranks (gloo) train a tiny model on different batches with
 stochastic rounding of weights and gradients, then compare their weights bit for bit.
 
-    python tests/ddp_check.py RESULT.json [STEPS]
+    python tests/lightning/ddp_check.py RESULT.json [STEPS]
 
 Rank 0 writes RESULT.json: {"identical": bool, "changed": bool, "different_data": bool,
 "weights": [...rank 0's parameters, flat...], "world_size": int, "steps": int}.

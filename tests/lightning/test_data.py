@@ -1,6 +1,5 @@
 """The IDX reader, MNISTFamily's choice of dataset and its errors, and LeNet."""
 
-import gzip
 import struct
 from pathlib import Path
 
@@ -8,36 +7,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import FASHION_LIKE, MNIST_LIKE, write_dataset, write_idx
 
 from lightning_lowp import data
 from lightning_lowp.data import DATASETS, LeNet, MNISTFamily, read_idx
-
-IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
-    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        payload = gzip.compress(payload)
-    path.write_bytes(payload)
-    return path
-
-
-def write_dataset(directory: Path, brightness: int, n_train=40, n_test=20, compress=True, seed=0) -> Path:
-    """Four IDX files of fake 28x28 images whose mean pixel is about ``brightness``/255."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 2 * brightness + 1, size=(n, 28, 28)).astype(np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        write_idx(directory / f"{prefix}-images-idx3-ubyte", images, compress)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels, compress)
-    return directory
-
-
-MNIST_LIKE, FASHION_LIKE = 33, 73  # mean pixels 0.13 and 0.29, as the real datasets
 
 
 @pytest.fixture
