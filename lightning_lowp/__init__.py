@@ -16,6 +16,7 @@ from lightning_lowp.formats import (
     FloatingPoint,
     Format,
     FormatLike,
+    ScaledFormat,
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
@@ -31,6 +32,7 @@ __all__ = [
     "FixedPoint",
     "FloatingPoint",
     "BlockFloatingPoint",
+    "ScaledFormat",
     "PRESETS",
     "ROUNDING_MODES",
     "parse_format",

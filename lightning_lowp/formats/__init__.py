@@ -36,6 +36,7 @@ from lightning_lowp.formats.base import (
 )
 from lightning_lowp.formats.block import BlockFloatingPoint
 from lightning_lowp.formats.element import FixedPoint, FloatingPoint
+from lightning_lowp.formats.scaled import SCALE_ROUNDINGS, SCALES, ScaledFormat
 from lightning_lowp.formats.spec import PRESETS, as_format, parse_format
 
 __all__ = [
@@ -44,6 +45,9 @@ __all__ = [
     "FixedPoint",
     "FloatingPoint",
     "BlockFloatingPoint",
+    "ScaledFormat",
+    "SCALES",
+    "SCALE_ROUNDINGS",
     "ROUNDING_MODES",
     "SPECIALS",
     "OVERFLOWS",

@@ -25,7 +25,6 @@ SPECIALS = ("ieee", "fn", "none")
 OVERFLOWS = ("inf", "saturate")
 
 
-
 def check_rounding(rounding: str, argument: str = "rounding") -> str:
     """Return ``rounding`` if it is one of :data:`ROUNDING_MODES`.
 
@@ -83,7 +82,7 @@ class Format:
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
-        positional = [str(getattr(self, n)) for n in self.positional_names]
+        positional = [spec_value(getattr(self, n)) for n in self.positional_names]
         extra = [
             f"{f.name}={spec_value(getattr(self, f.name))}"
             for f in fields(self)  # type: ignore[arg-type]  # every subclass is a dataclass
@@ -105,4 +104,6 @@ def spec_value(v: object) -> str:
         return "none"
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, tuple):  # a tile
+        return "x".join(str(n) for n in v)
     return str(v)
