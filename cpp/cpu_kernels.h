@@ -116,6 +116,7 @@ void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, 
 // and blocks a step they can take.
 template <Kind K, Rounding R>
 bool shortcuts_apply(int block_e_q) {
+  if (K == Kind::Scaled) return false;  // (the general path, for now)
   return (R == Rounding::Nearest || R == Rounding::Stochastic) && (K == Kind::Float || step_is_fast(block_e_q));
 }
 
@@ -154,8 +155,8 @@ uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end, i
 // Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
 // each block's maximum, then its rounding, while it is in cache, in one loop over the blocks
 // that keeps the format's constants in registers (a 32-element block is otherwise mostly
-// set-up).
-template <Rounding R, typename scalar_t>
+// set-up). K: Block or Scaled.
+template <Kind K, Rounding R, typename scalar_t>
 void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
                            int64_t first, int64_t last, const FormatParams& p, uint64_t key) {
   const int64_t numel = layout.numel();
@@ -169,11 +170,11 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
       c = 0;
       ++o;
     }
-    int e_q;
-    float max_mag;
-    block_step(span_max(in, begin, end, numel), p.wl, &e_q, &max_mag);
-    if (!shortcuts_apply<Kind::Block, R>(e_q) || (begin >> 32) != ((end - 1) >> 32)) {
-      quantize_range<Kind::Block, R>(in, out, begin, end, numel, p, e_q, max_mag, max_mag, key);  // splits at 2^32
+    const BlockState state = block_state<K>(p, span_max(in, begin, end, numel));
+    const int e_q = state.block;
+    const float max_mag = state.max_mag;
+    if (K != Kind::Block || !shortcuts_apply<Kind::Block, R>(e_q) || (begin >> 32) != ((end - 1) >> 32)) {
+      quantize_range<K, R>(in, out, begin, end, numel, p, e_q, max_mag, max_mag, key);  // splits at 2^32
       continue;
     }
     // quantize_span's loop without its tiling and prefetching, which cost a short block more
@@ -221,7 +222,7 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
       constexpr Kind K = decltype(kind)::value;
       dispatch_rounding(mode, [&](auto rounding) {
         constexpr Rounding R = decltype(rounding)::value;
-        if (K != Kind::Block) {
+        if (K == Kind::Fixed || K == Kind::Float) {
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
             quantize_range<K, R>(src, dst, begin, end, numel, p, p.e_q, p.max_pos, p.max_neg, key);
           });
@@ -230,16 +231,15 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
           // maximum taken while its elements are in cache.
           const int64_t grain = std::max<int64_t>(1, kGrain / (layout.block_len * layout.inner));
           at::parallel_for(0, layout.num_blocks(), grain, [&](int64_t first, int64_t last) {
-            quantize_short_blocks<R>(src, dst, layout, first, last, p, key);
+            quantize_short_blocks<K, R>(src, dst, layout, first, last, p, key);
           });
         } else {  // blocks spread over many spans: their maxima first, then the rounding
           const std::vector<uint32_t> maxima = block_maxima(src, layout);
-          std::vector<int> block_e_q(maxima.size());
-          std::vector<float> block_max(maxima.size());
-          for (size_t b = 0; b < maxima.size(); ++b) block_step(maxima[b], p.wl, &block_e_q[b], &block_max[b]);
+          std::vector<BlockState> states(maxima.size());
+          for (size_t b = 0; b < maxima.size(); ++b) states[b] = block_state<K>(p, maxima[b]);
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-            quantize_range<K, R>(src, dst, begin, end, numel, p, block_e_q[block], block_max[block],
-                                 block_max[block], key);
+            const BlockState& state = states[block];
+            quantize_range<K, R>(src, dst, begin, end, numel, p, state.block, state.max_mag, state.max_mag, key);
           });
         }
       });

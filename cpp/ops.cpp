@@ -27,59 +27,92 @@ void check_param(const char* kind, const char* name, int64_t value, int64_t lo, 
                     " is out of range; accepted: ", lo, "..", hi);
 }
 
+// The fields of a fixed-point format (also a scaled format's fixed-point element).
+void set_fixed(FormatParams& p, const char* kind, int64_t wl, int64_t fl, int64_t clamp, int64_t symmetric) {
+  check_param(kind, "wl", wl, 1, 25);
+  check_param(kind, "fl", fl, wl - 128, 149);
+  check_param(kind, "clamp", clamp, 0, 1);
+  check_param(kind, "symmetric", symmetric, 0, 1);
+  const float inf = std::numeric_limits<float>::infinity();
+  const double step = std::ldexp(1.0, static_cast<int>(-fl));
+  const double top = std::ldexp(1.0, static_cast<int>(wl - 1));
+  p.e_q = static_cast<int>(-fl);
+  p.max_pos = clamp ? static_cast<float>((top - 1) * step) : inf;
+  p.max_neg = clamp ? static_cast<float>((symmetric ? top - 1 : top) * step) : inf;
+  p.overflow_inf = false;
+}
+
+// The fields of a custom float (also a scaled format's float element).
+void set_float(FormatParams& p, const char* kind, int64_t exp_bits, int64_t man_bits, int64_t subnormals,
+               int64_t specials_code, int64_t overflow) {
+  check_param(kind, "exp", exp_bits, 1, 8);
+  check_param(kind, "man", man_bits, 0, 23);
+  check_param(kind, "subnormals", subnormals, 0, 1);
+  check_param(kind, "specials", specials_code, 0, count_of(kSpecialsNames) - 1);
+  check_param(kind, "overflow", overflow, 0, count_of(kOverflowNames) - 1);
+  const int exp = static_cast<int>(exp_bits), man = static_cast<int>(man_bits);
+  const auto specials = static_cast<Specials>(specials_code);
+  const int bias = (1 << (exp - 1)) - 1;
+  const int top = (1 << exp) - 1 - bias;  // exponent of the all-ones exponent code
+  double max_value;
+  if (specials == Specials::Ieee) {
+    max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top - 1);
+  } else if (specials == Specials::Fn) {  // the all-ones code is NaN
+    max_value = man == 0 ? std::ldexp(1.0, top - 1) : std::ldexp(2.0 - std::ldexp(1.0, 1 - man), top);
+  } else {
+    max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top);
+  }
+  p.emin = 1 - bias;
+  p.man = man;
+  p.subnormals = subnormals != 0;
+  p.max_pos = p.max_neg = static_cast<float>(max_value);
+  p.overflow_inf = static_cast<Overflow>(overflow) == Overflow::Inf;
+}
+
 FormatParams format_params(int64_t kind, at::IntArrayRef a) {
   FormatParams p{};
   TORCH_CHECK_VALUE(kind >= 0 && kind < static_cast<int64_t>(count_of(kKindNames)),
-                    "lowp::quantize: kind must be 0 (fixed), 1 (float) or 2 (block), got ", kind);
+                    "lowp::quantize: kind must be 0 (fixed), 1 (float), 2 (block) or 3 (scaled), got ", kind);
   p.kind = static_cast<Kind>(kind);
-  const float inf = std::numeric_limits<float>::infinity();
   switch (p.kind) {
-    case Kind::Fixed: {
+    case Kind::Fixed:
       TORCH_CHECK_VALUE(a.size() == kFixedParamCount, "lowp::quantize: fixed point takes [wl, fl, clamp, symmetric]");
-      check_param("fixed", "wl", a[kFixedWl], 1, 25);
-      check_param("fixed", "fl", a[kFixedFl], a[kFixedWl] - 128, 149);
-      check_param("fixed", "clamp", a[kFixedClamp], 0, 1);
-      check_param("fixed", "symmetric", a[kFixedSymmetric], 0, 1);
-      const double step = std::ldexp(1.0, static_cast<int>(-a[kFixedFl]));
-      const double top = std::ldexp(1.0, static_cast<int>(a[kFixedWl] - 1));
-      p.e_q = static_cast<int>(-a[kFixedFl]);
-      p.max_pos = a[kFixedClamp] ? static_cast<float>((top - 1) * step) : inf;
-      p.max_neg = a[kFixedClamp] ? static_cast<float>((a[kFixedSymmetric] ? top - 1 : top) * step) : inf;
-      p.overflow_inf = false;
+      set_fixed(p, "fixed", a[kFixedWl], a[kFixedFl], a[kFixedClamp], a[kFixedSymmetric]);
       break;
-    }
-    case Kind::Float: {
+    case Kind::Float:
       TORCH_CHECK_VALUE(a.size() == kFloatParamCount,
                         "lowp::quantize: floating point takes [exp, man, subnormals, specials, overflow]");
-      check_param("float", "exp", a[kFloatExp], 1, 8);
-      check_param("float", "man", a[kFloatMan], 0, 23);
-      check_param("float", "subnormals", a[kFloatSubnormals], 0, 1);
-      check_param("float", "specials", a[kFloatSpecials], 0, count_of(kSpecialsNames) - 1);
-      check_param("float", "overflow", a[kFloatOverflow], 0, count_of(kOverflowNames) - 1);
-      const int exp = static_cast<int>(a[kFloatExp]), man = static_cast<int>(a[kFloatMan]);
-      const auto specials = static_cast<Specials>(a[kFloatSpecials]);
-      const int bias = (1 << (exp - 1)) - 1;
-      const int top = (1 << exp) - 1 - bias;  // exponent of the all-ones exponent code
-      double max_value;
-      if (specials == Specials::Ieee) {
-        max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top - 1);
-      } else if (specials == Specials::Fn) {  // the all-ones code is NaN
-        max_value = man == 0 ? std::ldexp(1.0, top - 1) : std::ldexp(2.0 - std::ldexp(1.0, 1 - man), top);
-      } else {
-        max_value = std::ldexp(2.0 - std::ldexp(1.0, -man), top);
-      }
-      p.emin = 1 - bias;
-      p.man = man;
-      p.subnormals = a[kFloatSubnormals] != 0;
-      p.max_pos = p.max_neg = static_cast<float>(max_value);
-      p.overflow_inf = static_cast<Overflow>(a[kFloatOverflow]) == Overflow::Inf;
+      set_float(p, "float", a[kFloatExp], a[kFloatMan], a[kFloatSubnormals], a[kFloatSpecials], a[kFloatOverflow]);
       break;
-    }
-    case Kind::Block: {
+    case Kind::Block:
       TORCH_CHECK_VALUE(a.size() == kBlockParamCount, "lowp::quantize: block floating point takes [wl, dim, block_size]");
       check_param("block", "wl", a[kBlockWl], 1, 25);
       check_param("block", "block_size", a[kBlockSize], 0, std::numeric_limits<int32_t>::max());
       p.wl = static_cast<int>(a[kBlockWl]);
+      p.overflow_inf = false;
+      break;
+    case Kind::Scaled: {
+      TORCH_CHECK_VALUE(a.size() == kScaledParamCount, "lowp::quantize: a scaled format takes ", kScaledParamCount,
+                        " params (see lightning_lowp._C.FORMAT_PARAMS['scaled'])");
+      check_param("scaled", "element_kind", a[kScaledElementKind], 0, 1);
+      check_param("scaled", "block_size", a[kScaledBlockSize], kScaledRow, std::numeric_limits<int32_t>::max());
+      check_param("scaled", "scale_rounding", a[kScaledScaleRounding], 0, count_of(kScaleRuleNames) - 1);
+      p.element = static_cast<Kind>(a[kScaledElementKind]);
+      if (p.element == Kind::Fixed) {
+        set_fixed(p, "scaled", a[kScaledWl], a[kScaledFl], 1, a[kScaledSymmetric]);
+        p.element_mbits = static_cast<int>(a[kScaledWl]) - 2;
+      } else {
+        set_float(p, "scaled", a[kScaledExp], a[kScaledMan], a[kScaledSubnormals], a[kScaledSpecials], 1);
+        p.element_mbits = p.man;
+      }
+      p.element_max = p.max_pos;  // elements saturate at +-max (a fixed-point element's extra negative code unused)
+      TORCH_CHECK_VALUE(p.element_max > 0.0f, "lowp::quantize: a scaled format's element must have a positive max");
+      int emax;
+      std::frexp(p.element_max, &emax);
+      p.element_emax = emax - 1;
+      TORCH_CHECK_VALUE(p.element_mbits >= 0 && p.element_mbits <= 22,
+                        "lowp::quantize: a scaled format's element needs 0..22 mantissa bits");
+      p.scale_rule = static_cast<ScaleRule>(a[kScaledScaleRounding]);
       p.overflow_inf = false;
       break;
     }
@@ -143,7 +176,8 @@ void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntAr
   const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
 
   // Element-wise formats walk memory in storage order whenever in and out share a dense layout.
-  if (p.kind != Kind::Block && x.is_non_overlapping_and_dense() && out.strides() == x.strides()) {
+  const bool blocked = p.kind == Kind::Block || p.kind == Kind::Scaled;
+  if (!blocked && x.is_non_overlapping_and_dense() && out.strides() == x.strides()) {
     run_kernel(x, out, p, mode, key, BlockLayout{1, 1, x.numel()});
     return;
   }
@@ -151,9 +185,16 @@ void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntAr
   BlockLayout layout{1, 1, x.numel()};
   at::Tensor src = x;
   int64_t moved_from = -1;
-  if (p.kind == Kind::Block) {
-    const int64_t dim = params[kBlockDim], block_size = params[kBlockSize];
-    const bool whole = dim == -1 && block_size == 0;
+  if (blocked) {
+    const bool scaled = p.kind == Kind::Scaled;
+    const int64_t dim = params[scaled ? kScaledDim : kBlockDim];
+    int64_t block_size = params[scaled ? kScaledBlockSize : kBlockSize];
+    // Block floating point's dim without block_size: one exponent per index along dim;
+    // a scaled format's whole-tensor block: one scale.
+    const bool whole = scaled ? block_size == kScaledWholeTensor || x.dim() == 0 : dim == -1 && block_size == 0;
+    if (scaled && block_size == kScaledRow && x.dim() > 0) {  // all of dim: one run as long as it
+      block_size = std::max<int64_t>(1, x.size(at::maybe_wrap_dim(dim, x.dim())));
+    }
     int64_t d = x.dim() == 0 ? 0 : at::maybe_wrap_dim(dim, x.dim());
     if (x.dim() == 0) {
       TORCH_CHECK(whole || dim == 0 || dim == -1, "lowp::quantize: dim ", dim, " is out of range for a 0-d tensor");
@@ -254,9 +295,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FORMAT_KINDS") = names(lowp::kKindNames);
   m.attr("SPECIALS") = names(lowp::kSpecialsNames);
   m.attr("OVERFLOWS") = names(lowp::kOverflowNames);
+  m.attr("SCALE_ROUNDINGS") = names(lowp::kScaleRuleNames);
   pybind11::dict params;
   params["fixed"] = names(lowp::kFixedParamNames);
   params["float"] = names(lowp::kFloatParamNames);
   params["block"] = names(lowp::kBlockParamNames);
+  params["scaled"] = names(lowp::kScaledParamNames);
   m.attr("FORMAT_PARAMS") = params;
 }

@@ -63,16 +63,38 @@ void dispatch_kind(Kind kind, F&& f) {
     case Kind::Fixed: f(std::integral_constant<Kind, Kind::Fixed>{}); break;
     case Kind::Float: f(std::integral_constant<Kind, Kind::Float>{}); break;
     case Kind::Block: f(std::integral_constant<Kind, Kind::Block>{}); break;
+    case Kind::Scaled: f(std::integral_constant<Kind, Kind::Scaled>{}); break;
   }
 }
 
-// Step exponent and range of one element: per element for floats, per block for block
-// floating point (looked up by the caller), constant for fixed point.
+// Step exponent of one element: per element for floats, per block for block floating point
+// (`block` is the block's step exponent, looked up by the caller), per element and block for
+// scaled formats (`block` is the exponent of the block's scale), constant for fixed point.
 template <Kind K>
-LOWP_HD int step_exponent(const FormatParams& p, float x, int block_e_q) {
+LOWP_HD int step_exponent(const FormatParams& p, float x, int block) {
   if (K == Kind::Float) return float_step_exponent(p, bits_of(x) & ~kSignBit);
-  if (K == Kind::Block) return block_e_q;
+  if (K == Kind::Block) return block;
+  if (K == Kind::Scaled) return scaled_step_exponent(p, bits_of(x) & ~kSignBit, block);
   return p.e_q;
+}
+
+// What a block of a block or scaled format needs, from its largest finite magnitude: the
+// `block` argument of step_exponent, and the largest magnitude of its elements.
+struct BlockState {
+  int block;
+  float max_mag;
+};
+
+template <Kind K>
+LOWP_HD BlockState block_state(const FormatParams& p, uint32_t max_bits) {
+  BlockState s;
+  if (K == Kind::Scaled) {
+    s.block = scale_exponent(p, max_bits);
+    s.max_mag = p.element_max * pow2_normal(s.block / 2) * pow2_normal(s.block - s.block / 2);  // exact
+  } else {
+    block_step(max_bits, p.wl, &s.block, &s.max_mag);
+  }
+  return s;
 }
 
 }  // namespace lowp

@@ -36,9 +36,10 @@ __device__ __forceinline__ float quantize_element(float x, int64_t i, const Form
                                                   const BlockLayout& L, const uint32_t* maxima) {
   int block_e_q = 0;
   float max_pos = p.max_pos, max_neg = p.max_neg;
-  if (K == Kind::Block) {
-    block_step(maxima[block_of(i, L)], p.wl, &block_e_q, &max_pos);
-    max_neg = max_pos;
+  if (K == Kind::Block || K == Kind::Scaled) {
+    const BlockState state = block_state<K>(p, maxima[block_of(i, L)]);
+    block_e_q = state.block;
+    max_pos = max_neg = state.max_mag;
   }
   const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(i)) : 0u;
   return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, p.overflow_inf, r);
@@ -114,7 +115,7 @@ void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p,
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::Tensor maxima;
     const uint32_t* maxima_ptr = nullptr;
-    if (p.kind == Kind::Block) {
+    if (p.kind == Kind::Block || p.kind == Kind::Scaled) {
       maxima = at::zeros({layout.num_blocks()}, in.options().dtype(at::kInt));
       uint32_t* ptr = reinterpret_cast<uint32_t*>(maxima.mutable_data_ptr<int>());
       block_max_kernel<<<grid_size(n), kThreads, 0, stream>>>(src, n, layout, ptr);

@@ -23,7 +23,10 @@ namespace lowp {
 
 // The numbering is shared with lightning_lowp/formats.py (ROUNDING_MODES).
 enum class Rounding : int { Nearest = 0, NearestAway = 1, TowardZero = 2, Down = 3, Up = 4, Stochastic = 5 };
-enum class Kind : int { Fixed = 0, Float = 1, Block = 2 };
+enum class Kind : int { Fixed = 0, Float = 1, Block = 2, Scaled = 3 };
+// How a scaled format's power-of-two (E8M0) block scale follows from the block's amax
+// (torchao's ScaleCalculationMode; see scale_exponent).
+enum class ScaleRule : int { Floor = 0, Ceil = 1, Even = 2, Rceil = 3 };
 
 constexpr uint32_t kSignBit = 0x80000000u;
 constexpr uint32_t kInfBits = 0x7f800000u;
@@ -167,6 +170,12 @@ struct FormatParams {
   float max_neg;
   bool overflow_inf;
   int wl;  // Block: word length
+  // Scaled: the element format (Fixed or Float, its fields above) and the scale rule.
+  Kind element;
+  ScaleRule scale_rule;
+  int element_emax;     // floor(log2(largest element))
+  int element_mbits;    // mantissa bits of the element (fixed point: wl - 2), for ScaleRule::Even
+  float element_max;    // largest element
 };
 
 // Step exponent of a custom float around |x| (bits a).
@@ -205,6 +214,58 @@ LOWP_HD void block_step(uint32_t max_bits, int wl, int* e_q, float* max_mag) {
     const uint32_t step = *e_q > -149 ? 1u << (*e_q + 149) : 1u;
     *max_mag = float_of((1u << (e + 150)) - step);
   }
+}
+
+// The exponent e of a float32 magnitude (bits a, nonzero and finite) with 2^e <= |x| < 2^(e+1),
+// subnormals included.
+LOWP_HD int exponent_of(uint32_t a) {
+  const uint32_t biased = a >> 23;
+  if (biased) return static_cast<int>(biased) - 127;
+#if defined(__CUDA_ARCH__)
+  return 31 - __clz(a) - 149;
+#else
+  return 31 - __builtin_clz(a) - 149;
+#endif
+}
+
+// The exponent E of a scaled format's power-of-two block scale 2^E, from the bits of the
+// block's largest finite magnitude amax, in -127..127 (E8M0). The rules are torchao's
+// ScaleCalculationMode, on the same float32 bits: floor 2^(floor(log2 amax) - emax) (OCP MX
+// v1.0); ceil: one more when amax is not a power of two; even: floor after rounding amax's
+// significand to the element's mantissa bits (half up); rceil: ceil(log2(amax / max_element))
+// with the quotient rounded to float32 first (as the PTX instruction torchao and
+// TransformerEngine use on Blackwell). An all-zero block gets the smallest scale.
+LOWP_HD int scale_exponent(const FormatParams& p, uint32_t max_bits) {
+  int e;
+  if (max_bits == 0) return -127;
+  switch (p.scale_rule) {
+    case ScaleRule::Floor:
+      e = exponent_of(max_bits) - p.element_emax;
+      break;
+    case ScaleRule::Ceil:
+      e = static_cast<int>(max_bits >> 23) - 127 + ((max_bits & 0x7fffffu) != 0u) - p.element_emax;
+      break;
+    case ScaleRule::Even:
+      e = static_cast<int>((max_bits + (1u << (22 - p.element_mbits))) >> 23) - 127 - p.element_emax;
+      break;
+    default: {  // Rceil: the exponent of d rounded up to a power of two (PTX cvt.rp...ue8m0)
+      const uint32_t d = bits_of(float_of(max_bits) / p.element_max);
+      if (d == 0u) return -127;
+      const uint32_t below_top = d >> 23 ? (d & 0x7fffffu) : (d & (d - 1u));  // bits below the leading one
+      e = exponent_of(d) + (below_top != 0u);
+      break;
+    }
+  }
+  return min_int(max_int(e, -127), 127);
+}
+
+// Step exponent of a scaled format's element around |x| (bits a), in a block with scale 2^E:
+// the element's own step around |x| / 2^E, times 2^E.
+LOWP_HD int scaled_step_exponent(const FormatParams& p, uint32_t a, int E) {
+  if (p.element == Kind::Fixed) return p.e_q + E;
+  const int e = (a & 0x7fffffffu) ? exponent_of(a) - E : -1000;  // zero: below every emin
+  const int below_normals = p.subnormals ? p.emin - p.man : p.emin;
+  return (e < p.emin ? below_normals : e - p.man) + E;
 }
 
 // Bits of |x| for the block maximum: finite magnitudes compare as integers; Inf/NaN count 0.

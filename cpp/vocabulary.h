@@ -16,7 +16,9 @@ namespace lowp {
 // Names of Rounding's values (rounding.h), in order.
 constexpr const char* kRoundingNames[] = {"nearest", "nearest_away", "toward_zero", "down", "up", "stochastic"};
 // Names of Kind's values (rounding.h), in order.
-constexpr const char* kKindNames[] = {"fixed", "float", "block"};
+constexpr const char* kKindNames[] = {"fixed", "float", "block", "scaled"};
+// Names of ScaleRule's values (rounding.h), in order.
+constexpr const char* kScaleRuleNames[] = {"floor", "ceil", "even", "rceil"};
 
 // What a float format's top exponent code means (FloatingPoint.specials).
 enum class Specials : int64_t { Ieee = 0, Fn = 1, None = 2 };
@@ -36,17 +38,42 @@ constexpr const char* kFloatParamNames[] = {"exp", "man", "subnormals", "special
 enum BlockParam { kBlockWl, kBlockDim, kBlockSize, kBlockParamCount };
 constexpr const char* kBlockParamNames[] = {"wl", "dim", "block_size"};
 
+// A scaled format: its element's kind (fixed or float) and fields (those of the other kind
+// are 0; the element saturates), the blocks (block_size k > 0: runs of k along dim;
+// kScaledWholeTensor; kScaledRow: all of dim) and the rule of its power-of-two scale.
+enum ScaledParam {
+  kScaledElementKind,
+  kScaledWl,
+  kScaledFl,
+  kScaledSymmetric,
+  kScaledExp,
+  kScaledMan,
+  kScaledSubnormals,
+  kScaledSpecials,
+  kScaledDim,
+  kScaledBlockSize,
+  kScaledScaleRounding,
+  kScaledParamCount
+};
+constexpr const char* kScaledParamNames[] = {"element_kind", "wl",         "fl",        "symmetric",
+                                             "exp",          "man",        "subnormals", "specials",
+                                             "dim",          "block_size", "scale_rounding"};
+constexpr int64_t kScaledWholeTensor = 0;
+constexpr int64_t kScaledRow = -1;
+
 template <typename T, size_t N>
 constexpr size_t count_of(T (&)[N]) {
   return N;
 }
 
 static_assert(count_of(kRoundingNames) == static_cast<size_t>(Rounding::Stochastic) + 1, "one name per Rounding");
-static_assert(count_of(kKindNames) == static_cast<size_t>(Kind::Block) + 1, "one name per Kind");
+static_assert(count_of(kKindNames) == static_cast<size_t>(Kind::Scaled) + 1, "one name per Kind");
+static_assert(count_of(kScaleRuleNames) == static_cast<size_t>(ScaleRule::Rceil) + 1, "one name per ScaleRule");
 static_assert(count_of(kSpecialsNames) == static_cast<size_t>(Specials::None) + 1, "one name per Specials");
 static_assert(count_of(kOverflowNames) == static_cast<size_t>(Overflow::Saturate) + 1, "one name per Overflow");
 static_assert(count_of(kFixedParamNames) == kFixedParamCount, "one name per fixed-point parameter");
 static_assert(count_of(kFloatParamNames) == kFloatParamCount, "one name per floating-point parameter");
 static_assert(count_of(kBlockParamNames) == kBlockParamCount, "one name per block floating-point parameter");
+static_assert(count_of(kScaledParamNames) == kScaledParamCount, "one name per scaled-format parameter");
 
 }  // namespace lowp

@@ -13,6 +13,7 @@ from lightning_lowp.formats import (
     BlockFloatingPoint,
     Format,
     FormatLike,
+    ScaledFormat,
     as_format,
     check_rounding,
 )
@@ -49,7 +50,9 @@ def _check(
         as_format(fmt)
         check_rounding(rounding)
         raise
-    if isinstance(fmt, BlockFloatingPoint) and not (fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)):
+    if isinstance(fmt, (BlockFloatingPoint, ScaledFormat)) and not (
+        fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)
+    ):
         raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {x.dim()} dims")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -156,7 +159,7 @@ def quantize_foreach_(
                 f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
             )
     fmt, kind, params, mode = _check(tensors[0], fmt, rounding, generator)
-    if isinstance(fmt, BlockFloatingPoint):  # every tensor needs the blocking dim
+    if isinstance(fmt, (BlockFloatingPoint, ScaledFormat)):  # every tensor needs the blocking dim
         for t in tensors[1:]:
             _check(t, fmt, rounding, None)
     ops.quantize_foreach_(tensors, sources, kind, params, mode, generator)

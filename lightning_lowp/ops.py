@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import lightning_lowp._C as _C
-from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SPECIALS, Format
+from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SCALE_ROUNDINGS, SPECIALS, Format
 
 __all__ = ["BUILT_WITH_CUDA", "check_vocabulary", "kernel_args", "quantize", "quantize_", "quantize_foreach_"]
 
@@ -35,6 +35,7 @@ def check_vocabulary() -> None:
         ("rounding modes", ROUNDING_MODES, _C.ROUNDING_MODES),
         ("float specials", SPECIALS, _C.SPECIALS),
         ("float overflow modes", OVERFLOWS, _C.OVERFLOWS),
+        ("scale roundings", SCALE_ROUNDINGS, _C.SCALE_ROUNDINGS),
     ):
         if tuple(python) != tuple(compiled):
             raise ImportError(

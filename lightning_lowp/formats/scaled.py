@@ -12,7 +12,7 @@ import math
 from dataclasses import Field, dataclass
 from typing import Any, ClassVar, Literal
 
-from lightning_lowp.formats.base import Format, check_bool, check_int
+from lightning_lowp.formats.base import SPECIALS, Format, check_bool, check_int
 from lightning_lowp.formats.element import FixedPoint, FloatingPoint
 
 __all__ = ["ScaledFormat", "SCALES", "SCALE_ROUNDINGS", "BlockShape"]
@@ -31,6 +31,9 @@ _FLOAT_SCALE_ROUNDING = "nearest"
 #: ``k`` consecutive elements along ``dim``, an ``(rows, cols)`` tile over the last two dims,
 #: all of ``dim`` (``"row"``), or the whole tensor (``"tensor"``).
 BlockShape = int | tuple[int, int] | Literal["row", "tensor"]
+
+# How the kernels are told a block of all of dim, or of the whole tensor (cpp/vocabulary.h).
+_ROW, _WHOLE_TENSOR = -1, 0
 
 _BLOCK_HINT = "a positive int, a (rows, cols) tile of positive ints, 'row' or 'tensor'"
 
@@ -132,7 +135,27 @@ class ScaledFormat(Format):
         return math.frexp(self.element_max)[1] - 1
 
     def kernel_params(self) -> dict[str, int]:
-        raise NotImplementedError("the compiled kernels do not take scaled formats yet; see lightning_lowp.reference")
+        if self.scale != "e8m0" or isinstance(self.block, tuple):
+            raise NotImplementedError(
+                f"{self}: the compiled kernels take power-of-two (e8m0) scales over runs, rows or the whole "
+                "tensor so far; float scales and tiles are computed by lightning_lowp.reference.reference_quantize"
+            )
+        e = self.element
+        fixed = isinstance(e, FixedPoint)
+        block = {"tensor": _WHOLE_TENSOR, "row": _ROW}.get(self.block, self.block)  # type: ignore[arg-type]
+        return {
+            "element_kind": 0 if fixed else 1,
+            "wl": e.wl if isinstance(e, FixedPoint) else 0,
+            "fl": e.fl if isinstance(e, FixedPoint) else 0,
+            "symmetric": int(e.symmetric) if isinstance(e, FixedPoint) else 0,
+            "exp": e.exp if isinstance(e, FloatingPoint) else 0,
+            "man": e.man if isinstance(e, FloatingPoint) else 0,
+            "subnormals": int(e.subnormals) if isinstance(e, FloatingPoint) else 0,
+            "specials": SPECIALS.index(e.specials) if isinstance(e, FloatingPoint) else 0,
+            "dim": self.dim,
+            "block_size": int(block),
+            "scale_rounding": SCALE_ROUNDINGS.index(self.scale_rounding),
+        }
 
 
 def _check_block(block: object) -> BlockShape:

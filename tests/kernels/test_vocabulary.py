@@ -10,13 +10,20 @@ import lightning_lowp as lp
 import lightning_lowp._C as _C
 from lightning_lowp import ops
 
-FORMATS = [lp.FixedPoint(8, 7, clamp=False), lp.FloatingPoint(4, 3, specials="fn"), lp.BlockFloatingPoint(6, dim=0)]
+FORMATS = [
+    lp.FixedPoint(8, 7, clamp=False),
+    lp.FloatingPoint(4, 3, specials="fn"),
+    lp.BlockFloatingPoint(6, dim=0),
+    lp.parse_format("mxfp8_e4m3"),
+    lp.parse_format("mxint8"),
+]
 
 
 def test_compiled_enums_are_named_as_in_python():
     assert _C.ROUNDING_MODES == lp.ROUNDING_MODES
     assert _C.SPECIALS == lp.formats.SPECIALS
     assert _C.OVERFLOWS == lp.formats.OVERFLOWS
+    assert _C.SCALE_ROUNDINGS == lp.formats.SCALE_ROUNDINGS
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -64,7 +71,11 @@ def test_a_format_whose_parameters_do_not_match_its_kernel_is_refused():
         (1, [5, 2, 1, 0, 2], "overflow=2"),
         (2, [0, -1, 0], "wl=0"),
         (2, [8, -1, -4], "block_size=-4"),
-        (3, [8, 7], "kind must be"),
+        (4, [8, 7], "kind must be"),
+        (3, [2, 0, 0, 0, 4, 3, 1, 1, -1, 32, 0], "element_kind=2"),
+        (3, [1, 0, 0, 0, 4, 3, 1, 1, -1, -2, 0], "block_size=-2"),
+        (3, [1, 0, 0, 0, 4, 3, 1, 1, -1, 32, 4], "scale_rounding=4"),
+        (3, [0, 30, 6, 1, 0, 0, 0, 0, -1, 32, 0], "wl=30"),
         (0, [8, 7], "takes"),
     ],
 )
