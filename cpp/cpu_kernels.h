@@ -152,6 +152,76 @@ uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end, i
   return m;
 }
 
+// How one block of a block or scaled format is rounded, once its state is known. A scaled
+// block with scale 2^E is a fixed-point span with step 2^(E - fl) (fixed-point elements, as
+// block floating point is), or a float span whose exponent range is moved up by E (float
+// elements), which the float loops handle as long as the moved format's smallest normal and
+// step stay where float32 and the shortcuts can take them; otherwise the general scaled path.
+struct BlockPlan {
+  Kind kind;        // Block (a constant step), Float (moved exponents) or Scaled (general)
+  FormatParams p;   // the format the loop sees
+  int block;        // step_exponent's block argument
+  float max_mag;
+};
+
+template <Kind K>
+BlockPlan plan_block(const FormatParams& p, const BlockState& s) {
+  if (K == Kind::Block) return {Kind::Block, p, s.block, s.max_mag};
+  if (p.element == Kind::Fixed) return {Kind::Block, p, p.e_q + s.block, s.max_mag};
+  FormatParams moved = p;
+  moved.emin = p.emin + s.block;
+  moved.max_pos = moved.max_neg = s.max_mag;
+  moved.overflow_inf = false;
+  if (moved.emin >= -126 && step_is_fast(float_small_step_exponent(moved))) return {Kind::Float, moved, 0, s.max_mag};
+  return {Kind::Scaled, p, s.block, s.max_mag};
+}
+
+// A short block's elements [begin, end) with the shortcuts: quantize_span's loop without its
+// tiling and prefetching, which cost a short block more than they save (measured: 1.7x
+// slower in place at block_size=32 through quantize_span).
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_short_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
+                         const FormatParams& p, int block, float max_mag, uint64_t key) {
+  const Step step = make_step(K == Kind::Float ? float_small_step_exponent(p) : block);
+  const Range range = make_range(max_mag, max_mag, false);
+  const uint32_t counter_low = static_cast<uint32_t>(begin), counter_high = static_cast<uint32_t>(begin >> 32);
+  const uint32_t n = static_cast<uint32_t>(end - begin);
+  const scalar_t* block_in = in + begin;
+  scalar_t* block_out = out + begin;
+  for (uint32_t j = 0; j < n; ++j) {
+    const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+    block_out[j] =
+        static_cast<scalar_t>(quantize_element<K, R, true>(p, static_cast<float>(block_in[j]), block, step, range, r));
+  }
+}
+
+// One block's elements [begin, end) as planned; `short_block`: the elements are few (and in
+// cache), so the shortcut loop runs without tiling where the shortcuts apply.
+template <Rounding R, typename scalar_t>
+void quantize_planned(const BlockPlan& plan, const scalar_t* in, scalar_t* out, int64_t begin, int64_t end,
+                      int64_t numel, uint64_t key, bool short_block) {
+  const bool one_word = (begin >> 32) == ((end - 1) >> 32);  // the counter's high word is constant
+  switch (plan.kind) {
+    case Kind::Block:
+      if (short_block && one_word && shortcuts_apply<Kind::Block, R>(plan.block)) {
+        quantize_short_span<Kind::Block, R>(in, out, begin, end, plan.p, plan.block, plan.max_mag, key);
+      } else {
+        quantize_range<Kind::Block, R>(in, out, begin, end, numel, plan.p, plan.block, plan.max_mag, plan.max_mag, key);
+      }
+      break;
+    case Kind::Float:
+      if (short_block && one_word && shortcuts_apply<Kind::Float, R>(0)) {
+        quantize_short_span<Kind::Float, R>(in, out, begin, end, plan.p, 0, plan.max_mag, key);
+      } else {
+        quantize_range<Kind::Float, R>(in, out, begin, end, numel, plan.p, 0, plan.max_mag, plan.max_mag, key);
+      }
+      break;
+    default:
+      quantize_range<Kind::Scaled, R>(in, out, begin, end, numel, plan.p, plan.block, plan.max_mag, plan.max_mag,
+                                      key);
+  }
+}
+
 // Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
 // each block's maximum, then its rounding, while it is in cache, in one loop over the blocks
 // that keeps the format's constants in registers (a 32-element block is otherwise mostly
@@ -170,26 +240,8 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
       c = 0;
       ++o;
     }
-    const BlockState state = block_state<K>(p, span_max(in, begin, end, numel));
-    const int e_q = state.block;
-    const float max_mag = state.max_mag;
-    if (K != Kind::Block || !shortcuts_apply<Kind::Block, R>(e_q) || (begin >> 32) != ((end - 1) >> 32)) {
-      quantize_range<K, R>(in, out, begin, end, numel, p, e_q, max_mag, max_mag, key);  // splits at 2^32
-      continue;
-    }
-    // quantize_span's loop without its tiling and prefetching, which cost a short block more
-    // than they save (measured: 1.7x slower in place at block_size=32 through quantize_span).
-    const Step step = make_step(e_q);
-    const Range range = make_range(max_mag, max_mag, false);
-    const uint32_t counter_low = static_cast<uint32_t>(begin), counter_high = static_cast<uint32_t>(begin >> 32);
-    const uint32_t n = static_cast<uint32_t>(end - begin);
-    const scalar_t* block_in = in + begin;
-    scalar_t* block_out = out + begin;
-    for (uint32_t j = 0; j < n; ++j) {
-      const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
-      block_out[j] = static_cast<scalar_t>(
-          quantize_element<Kind::Block, R, true>(p, static_cast<float>(block_in[j]), e_q, step, range, r));
-    }
+    const BlockPlan plan = plan_block<K>(p, block_state<K>(p, span_max(in, begin, end, numel)));
+    quantize_planned<R>(plan, in, out, begin, end, numel, key, true);
   }
 }
 
@@ -222,7 +274,7 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
       constexpr Kind K = decltype(kind)::value;
       dispatch_rounding(mode, [&](auto rounding) {
         constexpr Rounding R = decltype(rounding)::value;
-        if (K == Kind::Fixed || K == Kind::Float) {
+        if constexpr (K == Kind::Fixed || K == Kind::Float) {
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
             quantize_range<K, R>(src, dst, begin, end, numel, p, p.e_q, p.max_pos, p.max_neg, key);
           });
@@ -235,11 +287,10 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
           });
         } else {  // blocks spread over many spans: their maxima first, then the rounding
           const std::vector<uint32_t> maxima = block_maxima(src, layout);
-          std::vector<BlockState> states(maxima.size());
-          for (size_t b = 0; b < maxima.size(); ++b) states[b] = block_state<K>(p, maxima[b]);
+          std::vector<BlockPlan> plans(maxima.size());
+          for (size_t b = 0; b < maxima.size(); ++b) plans[b] = plan_block<K>(p, block_state<K>(p, maxima[b]));
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-            const BlockState& state = states[block];
-            quantize_range<K, R>(src, dst, begin, end, numel, p, state.block, state.max_mag, state.max_mag, key);
+            quantize_planned<R>(plans[block], src, dst, begin, end, numel, key, false);
           });
         }
       });
