@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -32,7 +34,8 @@ void prefetch_ahead(const scalar_t* data, int64_t begin, int64_t end, int64_t li
 }
 
 // Calls f(begin, end, block) in parallel over contiguous runs of elements that lie in one
-// block (for the element-wise formats: the whole tensor, one "block", cut into pieces).
+// block (for the element-wise formats: the whole tensor, one "block", cut into pieces). Not
+// for column blocks (quantize_column_blocks), where a run crosses many blocks.
 template <typename F>
 void for_each_span(const BlockLayout& layout, F&& f) {
   const int64_t per_dim = (layout.dim_size + layout.block_len - 1) / layout.block_len;
@@ -52,7 +55,7 @@ void for_each_span(const BlockLayout& layout, F&& f) {
       const int64_t stop = (o * layout.dim_size + d1) * layout.inner;
       const int64_t begin = start + piece * kGrain;
       const int64_t end = std::min(stop, begin + kGrain);
-      if (begin < end) f(begin, end, layout.blocks_per_outer ? o * layout.blocks_per_outer + c : c);
+      if (begin < end) f(begin, end, layout.block_of(o, d0, 0));
       if (++piece == pieces) {
         piece = 0;
         if (++c == per_dim) {
@@ -89,12 +92,14 @@ LOWP_HD float quantize_element(const FormatParams& p, float x, int block_e_q, co
 }
 
 // Elements [begin, end) with one block's step and range; the loop body is branch-free
-// (rounding.h) and its counter 32-bit, so the compiler vectorises it. The caller splits
-// spans at multiples of 2^32, where the high word of the stochastic-rounding counter changes.
+// (rounding.h) and its counter 32-bit, so the compiler vectorises it. Element t's
+// stochastic-rounding counter is t + shift (shift: nonzero for a buffer, see
+// quantize_column_blocks). The caller splits spans where the counter's high word changes.
 template <Kind K, Rounding R, bool Fast, typename scalar_t>
 void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
-                   int64_t numel, const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
-  const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
+                   int64_t numel, const FormatParams p, int block_e_q, float max_pos, float max_neg, uint64_t key,
+                   int64_t shift) {
+  const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(begin + shift) >> 32);
   const Step step = make_step(K == Kind::Float ? float_small_step_exponent(p) : Fast ? block_e_q : 0);
   const Range range = make_range(max_pos, max_neg, p.overflow_inf);
   for (int64_t t = begin; t < end; t += kTile) {
@@ -102,7 +107,7 @@ void quantize_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, 
     prefetch_ahead(in, t, stop, numel);
     const scalar_t* tile_in = in + t;
     scalar_t* tile_out = out + t;
-    const uint32_t counter_low = static_cast<uint32_t>(t);
+    const uint32_t counter_low = static_cast<uint32_t>(t + shift);
     const uint32_t n = static_cast<uint32_t>(stop - t);
     for (uint32_t j = 0; j < n; ++j) {
       const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
@@ -120,19 +125,23 @@ bool shortcuts_apply(int block_e_q) {
   return (R == Rounding::Nearest || R == Rounding::Stochastic) && (K == Kind::Float || step_is_fast(block_e_q));
 }
 
+// The first index after `begin` where the counter (index + shift) crosses a multiple of 2^32.
+inline int64_t next_counter_wrap(int64_t begin, int64_t shift) { return ((begin + shift) | 0xFFFFFFFFLL) + 1 - shift; }
+
 // quantize_span over [begin, end), split where the counter's high word changes, with the
 // shortcuts where they apply.
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t numel,
-                    const FormatParams& p, int block_e_q, float max_pos, float max_neg, uint64_t key) {
+                    const FormatParams& p, int block_e_q, float max_pos, float max_neg, uint64_t key,
+                    int64_t shift = 0) {
   const bool fast = shortcuts_apply<K, R>(block_e_q);
   const auto span = fast ? quantize_span<K, R, true, scalar_t> : quantize_span<K, R, false, scalar_t>;
-  const int64_t wrap = (begin | 0xFFFFFFFFLL) + 1;  // next multiple of 2^32
+  const int64_t wrap = next_counter_wrap(begin, shift);
   if (end > wrap) {
-    span(in, out, begin, wrap, numel, p, block_e_q, max_pos, max_neg, key);
+    span(in, out, begin, wrap, numel, p, block_e_q, max_pos, max_neg, key, shift);
     begin = wrap;
   }
-  span(in, out, begin, end, numel, p, block_e_q, max_pos, max_neg, key);
+  span(in, out, begin, end, numel, p, block_e_q, max_pos, max_neg, key, shift);
 }
 
 // Largest finite magnitude in [begin, end), as float32 bits (a vectorised max-reduction).
@@ -157,23 +166,65 @@ uint32_t span_max(const scalar_t* __restrict__ in, int64_t begin, int64_t end, i
 // block floating point is), or a float span whose exponent range is moved up by E (float
 // elements), which the float loops handle as long as the moved format's smallest normal and
 // step stay where float32 and the shortcuts can take them; otherwise the general scaled path.
+// A block with a float scale has its own loop (quantize_float_scaled_span).
 struct BlockPlan {
   Kind kind;        // Block (a constant step), Float (moved exponents) or Scaled (general)
   FormatParams p;   // the format the loop sees
   int block;        // step_exponent's block argument
   float max_mag;
+  float scale;      // a float scale (BlockState); kind is then Scaled
 };
 
 template <Kind K>
 BlockPlan plan_block(const FormatParams& p, const BlockState& s) {
-  if (K == Kind::Block) return {Kind::Block, p, s.block, s.max_mag};
-  if (p.element == Kind::Fixed) return {Kind::Block, p, p.e_q + s.block, s.max_mag};
+  if (K == Kind::Block) return {Kind::Block, p, s.block, s.max_mag, 0.0f};
+  if (p.scale != ScaleKind::E8m0) return {Kind::Scaled, p, 0, s.max_mag, s.scale};
+  if (p.element == Kind::Fixed) return {Kind::Block, p, p.e_q + s.block, s.max_mag, 0.0f};
   FormatParams moved = p;
   moved.emin = p.emin + s.block;
   moved.max_pos = moved.max_neg = s.max_mag;
   moved.overflow_inf = false;
-  if (moved.emin >= -126 && step_is_fast(float_small_step_exponent(moved))) return {Kind::Float, moved, 0, s.max_mag};
-  return {Kind::Scaled, p, s.block, s.max_mag};
+  if (moved.emin >= -126 && step_is_fast(float_small_step_exponent(moved))) {
+    return {Kind::Float, moved, 0, s.max_mag, 0.0f};
+  }
+  return {Kind::Scaled, p, s.block, s.max_mag, 0.0f};
+}
+
+// The elements [begin, end) of a block with a float scale (rounding.h), in a loop of their
+// own that vectorises for the non-stochastic modes: quantize_float_scaled_fast where it
+// applies, else quantize_float_scaled.
+template <Rounding R, bool Fast, typename scalar_t>
+void quantize_float_scaled_loop(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin,
+                                int64_t end, int64_t numel, const FormatParams p, float scale, float inf_mag,
+                                uint64_t key, int64_t shift) {
+  for (int64_t t = begin; t < end;) {
+    // tiles that do not cross a multiple of 2^32, where the counter's high word changes
+    const int64_t stop = std::min<int64_t>({end, t + kTile, next_counter_wrap(t, shift)});
+    prefetch_ahead(in, t, stop, numel);
+    const scalar_t* tile_in = in + t;
+    scalar_t* tile_out = out + t;
+    const uint32_t counter_low = static_cast<uint32_t>(t + shift);
+    const uint32_t counter_high = static_cast<uint32_t>((t + shift) >> 32);
+    const uint32_t n = static_cast<uint32_t>(stop - t);
+    for (uint32_t j = 0; j < n; ++j) {
+      const float x = static_cast<float>(tile_in[j]);
+      if (Fast) {
+        tile_out[j] = static_cast<scalar_t>(quantize_float_scaled_fast<R>(p, x, scale, inf_mag));
+      } else {
+        const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+        tile_out[j] = static_cast<scalar_t>(quantize_float_scaled<R>(p, x, scale, inf_mag, r));
+      }
+    }
+    t = stop;
+  }
+}
+
+template <Rounding R, typename scalar_t>
+void quantize_float_scaled_span(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t numel,
+                                const FormatParams& p, float scale, float inf_mag, uint64_t key, int64_t shift) {
+  const auto loop = float_scaled_fast_applies<R>(p, scale) ? quantize_float_scaled_loop<R, true, scalar_t>
+                                                           : quantize_float_scaled_loop<R, false, scalar_t>;
+  loop(in, out, begin, end, numel, p, scale, inf_mag, key, shift);
 }
 
 // A short block's elements [begin, end) with the shortcuts: quantize_span's loop without its
@@ -181,10 +232,11 @@ BlockPlan plan_block(const FormatParams& p, const BlockState& s) {
 // slower in place at block_size=32 through quantize_span).
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_short_span(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin, int64_t end,
-                         const FormatParams& p, int block, float max_mag, uint64_t key) {
+                         const FormatParams& p, int block, float max_mag, uint64_t key, int64_t shift) {
   const Step step = make_step(K == Kind::Float ? float_small_step_exponent(p) : block);
   const Range range = make_range(max_mag, max_mag, false);
-  const uint32_t counter_low = static_cast<uint32_t>(begin), counter_high = static_cast<uint32_t>(begin >> 32);
+  const uint32_t counter_low = static_cast<uint32_t>(begin + shift);
+  const uint32_t counter_high = static_cast<uint32_t>((begin + shift) >> 32);
   const uint32_t n = static_cast<uint32_t>(end - begin);
   const scalar_t* block_in = in + begin;
   scalar_t* block_out = out + begin;
@@ -196,39 +248,48 @@ void quantize_short_span(const scalar_t* __restrict__ in, scalar_t* __restrict__
 }
 
 // One block's elements [begin, end) as planned; `short_block`: the elements are few (and in
-// cache), so the shortcut loop runs without tiling where the shortcuts apply.
+// cache), so the shortcut loop runs without tiling where the shortcuts apply. Element t's
+// stochastic-rounding counter is t + shift.
 template <Rounding R, typename scalar_t>
 void quantize_planned(const BlockPlan& plan, const scalar_t* in, scalar_t* out, int64_t begin, int64_t end,
-                      int64_t numel, uint64_t key, bool short_block) {
-  const bool one_word = (begin >> 32) == ((end - 1) >> 32);  // the counter's high word is constant
+                      int64_t numel, uint64_t key, bool short_block, int64_t shift = 0) {
+  const bool one_word = next_counter_wrap(begin, shift) >= end;  // the counter's high word is constant
+  const int64_t limit = short_block ? end : numel;                 // a short block prefetches nothing
+  if (plan.p.scale != ScaleKind::E8m0) {
+    quantize_float_scaled_span<R>(in, out, begin, end, limit, plan.p, plan.scale, plan.max_mag,
+                                  key, shift);
+    return;
+  }
   switch (plan.kind) {
     case Kind::Block:
       if (short_block && one_word && shortcuts_apply<Kind::Block, R>(plan.block)) {
-        quantize_short_span<Kind::Block, R>(in, out, begin, end, plan.p, plan.block, plan.max_mag, key);
+        quantize_short_span<Kind::Block, R>(in, out, begin, end, plan.p, plan.block, plan.max_mag, key, shift);
       } else {
-        quantize_range<Kind::Block, R>(in, out, begin, end, numel, plan.p, plan.block, plan.max_mag, plan.max_mag, key);
+        quantize_range<Kind::Block, R>(in, out, begin, end, limit, plan.p, plan.block, plan.max_mag, plan.max_mag, key,
+                                       shift);
       }
       break;
     case Kind::Float:
       if (short_block && one_word && shortcuts_apply<Kind::Float, R>(0)) {
-        quantize_short_span<Kind::Float, R>(in, out, begin, end, plan.p, 0, plan.max_mag, key);
+        quantize_short_span<Kind::Float, R>(in, out, begin, end, plan.p, 0, plan.max_mag, key, shift);
       } else {
-        quantize_range<Kind::Float, R>(in, out, begin, end, numel, plan.p, 0, plan.max_mag, plan.max_mag, key);
+        quantize_range<Kind::Float, R>(in, out, begin, end, limit, plan.p, 0, plan.max_mag, plan.max_mag, key, shift);
       }
       break;
     default:
-      quantize_range<Kind::Scaled, R>(in, out, begin, end, numel, plan.p, plan.block, plan.max_mag, plan.max_mag,
-                                      key);
+      quantize_range<Kind::Scaled, R>(in, out, begin, end, limit, plan.p, plan.block, plan.max_mag, plan.max_mag,
+                                      key, shift);
   }
 }
 
 // Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
 // each block's maximum, then its rounding, while it is in cache, in one loop over the blocks
 // that keeps the format's constants in registers (a 32-element block is otherwise mostly
-// set-up). K: Block or Scaled.
+// set-up). K: Block or Scaled. tensor_max: the whole tensor's largest finite magnitude (bits),
+// for NVFP4's tensor scale.
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
-                           int64_t first, int64_t last, const FormatParams& p, uint64_t key) {
+                           int64_t first, int64_t last, const FormatParams& p, uint32_t tensor_max, uint64_t key) {
   const int64_t numel = layout.numel();
   int64_t o = first / layout.blocks_per_outer, c = first % layout.blocks_per_outer;
   for (int64_t b = first; b < last; ++b) {
@@ -240,9 +301,130 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
       c = 0;
       ++o;
     }
-    const BlockPlan plan = plan_block<K>(p, block_state<K>(p, span_max(in, begin, end, numel)));
+    const BlockPlan plan = plan_block<K>(p, block_state<K>(p, span_max(in, begin, end, numel), tensor_max));
     quantize_planned<R>(plan, in, out, begin, end, numel, key, true);
   }
+}
+
+// Runs along a dim that is not the last (layout.inner > 1): each block is a strided column of
+// a [block_len, inner] slab; a task takes the columns [i0, i0 + width) of one slab. Counters
+// are as if the dim had been moved last (BlockLayout::counter_of).
+
+// The exponent of the smallest step of a scaled format's element (before scaling).
+inline int element_step_exponent(const FormatParams& p) {
+  return p.element == Kind::Fixed ? p.e_q : float_small_step_exponent(p);
+}
+
+// Whether the columns of a slab can be rounded row by row, each value divided by its column's
+// power-of-two scale 2^E, rounded in the element's own grid and multiplied back: true for
+// E8M0 scales when every element value times 2^E is a float32 (so multiplying back is exact)
+// and the element's steps are far above float32's normals (so a quotient that underflows
+// rounds as the exact quotient would: only its sign and that it is not zero matter).
+template <Kind K>
+bool columns_normalize(const FormatParams& p, const BlockState* states, int64_t count) {
+  if (K != Kind::Scaled || p.scale != ScaleKind::E8m0 || element_step_exponent(p) < -93) return false;
+  for (int64_t w = 0; w < count; ++w) {
+    if (element_step_exponent(p) + states[w].block < -149 || !(states[w].max_mag <= FLT_MAX)) return false;
+  }
+  return true;
+}
+
+// The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see columns_normalize):
+// the loop over a row's columns runs with the element's constant step, and vectorises.
+template <Kind KE, Rounding R, bool Fast, typename scalar_t>
+void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams& p,
+                              int64_t o, int64_t d0, int64_t n, int64_t i0, int64_t width, const float* scale,
+                              const float* inverse, uint64_t key) {
+  const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
+  const Range range = make_range(p.element_max, p.element_max, false);
+  const float tiny = pow2_normal(-126);  // stands for a quotient that underflowed to zero
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t offset = (o * layout.dim_size + d0 + k) * layout.inner + i0;
+    const scalar_t* row_in = in + offset;
+    scalar_t* row_out = out + offset;
+    const uint64_t counter = static_cast<uint64_t>(layout.counter_of(o, d0 + k, i0));
+    for (int64_t w = 0; w < width; ++w) {
+      const float x = static_cast<float>(row_in[w]);
+      float y = x * inverse[w];
+      y = (y == 0.0f && x != 0.0f) ? std::copysign(tiny * 0.5f, x) : y;
+      const uint32_t r =
+          R == Rounding::Stochastic ? random_bits(key, counter + static_cast<uint64_t>(w * layout.dim_size)) : 0u;
+      row_out[w] = static_cast<scalar_t>(quantize_element<KE, R, Fast>(p, y, p.e_q, step, range, r) * scale[w]);
+    }
+  }
+}
+
+// Otherwise: a task copies its columns into a buffer, one block after the other, rounds each
+// there as a short contiguous block, and copies the results back.
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_transposed_columns(const scalar_t* in, scalar_t* out, const BlockLayout& layout,
+                                 const FormatParams& p, const BlockState* states, int64_t o, int64_t d0, int64_t n,
+                                 int64_t i0, int64_t width, float* held, float* rounded, uint64_t key) {
+  const int64_t inner = layout.inner;
+  for (int64_t k = 0; k < n; ++k) {
+    const scalar_t* row = in + (o * layout.dim_size + d0 + k) * inner + i0;
+    for (int64_t w = 0; w < width; ++w) held[w * n + k] = static_cast<float>(row[w]);
+  }
+  for (int64_t w = 0; w < width; ++w) {
+    const int64_t shift = layout.counter_of(o, d0, i0 + w) - w * n;
+    quantize_planned<R>(plan_block<K>(p, states[w]), held, rounded, w * n, (w + 1) * n, width * n, key, true, shift);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    scalar_t* row = out + (o * layout.dim_size + d0 + k) * inner + i0;
+    for (int64_t w = 0; w < width; ++w) row[w] = static_cast<scalar_t>(rounded[w * n + k]);
+  }
+}
+
+// Column blocks: each task finds its columns' maxima row by row (a vectorised loop), then
+// rounds them normalised or through a buffer. (Measured at blocks of 32 along dim 0 of
+// 4096 x 4096: ~1.5x x.clone() normalised, ~6x through the buffer; moving the whole tensor's
+// dim last, as this replaced, took 12-15x.)
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams& p,
+                            uint32_t tensor_max, uint64_t key) {
+  constexpr int64_t kBufferElements = 4096;  // per buffer: 16 KiB, two of them in L1
+  const int64_t len = layout.block_len, inner = layout.inner;
+  const int64_t per_dim = (layout.dim_size + len - 1) / len;
+  // at least 16 columns: one 64-byte line of float32 read per row
+  const int64_t columns = std::min(inner, std::max<int64_t>(16, kBufferElements / len));
+  const int64_t groups = (inner + columns - 1) / columns;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (columns * len));
+  const bool fast = K == Kind::Scaled && shortcuts_apply<Kind::Block, R>(element_step_exponent(p));
+  at::parallel_for(0, layout.outer * per_dim * groups, grain, [&](int64_t first, int64_t last) {
+    std::vector<float> buffer(2 * columns * len);
+    std::vector<uint32_t> maxima(columns);
+    std::vector<BlockState> states(columns);
+    std::vector<float> scale(columns), inverse(columns);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t g = task % groups, c = (task / groups) % per_dim, o = task / groups / per_dim;
+      const int64_t d0 = c * len, n = std::min(layout.dim_size, d0 + len) - d0;
+      const int64_t i0 = g * columns, width = std::min(inner, i0 + columns) - i0;
+      std::fill(maxima.begin(), maxima.end(), 0u);
+      for (int64_t k = 0; k < n; ++k) {
+        const scalar_t* row = in + (o * layout.dim_size + d0 + k) * inner + i0;
+        for (int64_t w = 0; w < width; ++w) {
+          const uint32_t a = finite_magnitude_bits(static_cast<float>(row[w]));
+          maxima[w] = a > maxima[w] ? a : maxima[w];
+        }
+      }
+      for (int64_t w = 0; w < width; ++w) states[w] = block_state<K>(p, maxima[w], tensor_max);
+      if (!columns_normalize<K>(p, states.data(), width)) {
+        quantize_transposed_columns<K, R>(in, out, layout, p, states.data(), o, d0, n, i0, width, buffer.data(),
+                                          buffer.data() + columns * len, key);
+        continue;
+      }
+      for (int64_t w = 0; w < width; ++w) {
+        scale[w] = std::ldexp(1.0f, states[w].block);
+        inverse[w] = std::ldexp(1.0f, -states[w].block);
+      }
+      const auto rows = p.element == Kind::Fixed
+                            ? (fast ? quantize_normalized_rows<Kind::Block, R, true, scalar_t>
+                                    : quantize_normalized_rows<Kind::Block, R, false, scalar_t>)
+                            : (fast ? quantize_normalized_rows<Kind::Float, R, true, scalar_t>
+                                    : quantize_normalized_rows<Kind::Float, R, false, scalar_t>);
+      rows(in, out, layout, p, o, d0, n, i0, width, scale.data(), inverse.data(), key);
+    }
+  });
 }
 
 // Largest finite magnitude (as float32 bits) of every block, without a temporary tensor.
@@ -278,20 +460,28 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
           for_each_span(layout, [&](int64_t begin, int64_t end, int64_t) {
             quantize_range<K, R>(src, dst, begin, end, numel, p, p.e_q, p.max_pos, p.max_neg, key);
           });
-        } else if (layout.blocks_per_outer && layout.block_len * layout.inner <= kGrain) {
-          // Every span is one whole, small block (block_size runs): one pass, the block
-          // maximum taken while its elements are in cache.
-          const int64_t grain = std::max<int64_t>(1, kGrain / (layout.block_len * layout.inner));
-          at::parallel_for(0, layout.num_blocks(), grain, [&](int64_t first, int64_t last) {
-            quantize_short_blocks<K, R>(src, dst, layout, first, last, p, key);
-          });
-        } else {  // blocks spread over many spans: their maxima first, then the rounding
-          const std::vector<uint32_t> maxima = block_maxima(src, layout);
-          std::vector<BlockPlan> plans(maxima.size());
-          for (size_t b = 0; b < maxima.size(); ++b) plans[b] = plan_block<K>(p, block_state<K>(p, maxima[b]));
-          for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
-            quantize_planned<R>(plans[block], src, dst, begin, end, numel, key, false);
-          });
+        } else {
+          // NVFP4's tensor scale needs the whole tensor's largest finite magnitude first.
+          const uint32_t tensor_max = p.tensor_scale ? block_maxima(src, BlockLayout{1, 1, numel})[0] : 0u;
+          if (layout.column_blocks()) {
+            quantize_column_blocks<K, R>(src, dst, layout, p, tensor_max, key);
+          } else if (layout.blocks_per_outer && layout.tile_rows == 1 && layout.block_len <= kGrain) {
+            // Every span is one whole, small block (block_size runs): one pass, the block
+            // maximum taken while its elements are in cache.
+            const int64_t grain = std::max<int64_t>(1, kGrain / (layout.block_len * layout.inner));
+            at::parallel_for(0, layout.num_blocks(), grain, [&](int64_t first, int64_t last) {
+              quantize_short_blocks<K, R>(src, dst, layout, first, last, p, tensor_max, key);
+            });
+          } else {  // blocks spread over many spans: their maxima first, then the rounding
+            const std::vector<uint32_t> maxima = block_maxima(src, layout);
+            std::vector<BlockPlan> plans(maxima.size());
+            for (size_t b = 0; b < maxima.size(); ++b) {
+              plans[b] = plan_block<K>(p, block_state<K>(p, maxima[b], tensor_max));
+            }
+            for_each_span(layout, [&](int64_t begin, int64_t end, int64_t block) {
+              quantize_planned<R>(plans[block], src, dst, begin, end, numel, key, false);
+            });
+          }
         }
       });
     });

@@ -113,6 +113,15 @@ FormatParams format_params(int64_t kind, at::IntArrayRef a) {
       TORCH_CHECK_VALUE(p.element_mbits >= 0 && p.element_mbits <= 22,
                         "lowp::quantize: a scaled format's element needs 0..22 mantissa bits");
       p.scale_rule = static_cast<ScaleRule>(a[kScaledScaleRounding]);
+      check_param("scaled", "scale", a[kScaledScale], 0, count_of(kScaleKindNames) - 1);
+      check_param("scaled", "tensor_scale", a[kScaledTensorScale], 0, 1);
+      check_param("scaled", "tile_rows", a[kScaledTileRows], 1, std::numeric_limits<int32_t>::max());
+      TORCH_CHECK_VALUE(a[kScaledTileRows] == 1 || a[kScaledBlockSize] > 0,
+                        "lowp::quantize: a tile (tile_rows > 1) needs block_size > 0 columns");
+      p.scale = static_cast<ScaleKind>(a[kScaledScale]);
+      p.tensor_scale = a[kScaledTensorScale] != 0;
+      TORCH_CHECK_VALUE(!p.tensor_scale || p.scale == ScaleKind::Fp8E4m3,
+                        "lowp::quantize: tensor_scale=1 (NVFP4) needs scale=fp8_e4m3 block scales");
       p.overflow_inf = false;
       break;
     }
@@ -134,8 +143,11 @@ int64_t product(at::IntArrayRef sizes, size_t begin, size_t end) {
   return n;
 }
 
-// Block floating point on a contiguous tensor whose blocking dim is `d` (already normalised).
-BlockLayout block_layout(at::IntArrayRef sizes, int64_t d, int64_t block_size, bool whole) {
+// The blocks of a block or scaled format on a contiguous tensor of these sizes (see
+// BlockLayout): blocking dim `d` (already wrapped), runs of block_size along it (0: block
+// floating point's one exponent per index along d), tiles of tile_rows rows over the last
+// two dims, or the whole tensor.
+BlockLayout block_layout(at::IntArrayRef sizes, int64_t d, int64_t block_size, int64_t tile_rows, bool whole) {
   BlockLayout layout;
   if (whole) {
     layout.inner = product(sizes, 0, sizes.size());
@@ -144,9 +156,13 @@ BlockLayout block_layout(at::IntArrayRef sizes, int64_t d, int64_t block_size, b
   layout.outer = product(sizes, 0, d);
   layout.dim_size = sizes[d];
   layout.inner = product(sizes, d + 1, sizes.size());
-  if (block_size > 0) {  // runs along the last dim (the caller moved `dim` there)
+  if (block_size > 0) {
     layout.block_len = block_size;
     layout.blocks_per_outer = (layout.dim_size + block_size - 1) / block_size;
+  }
+  if (tile_rows > 1) {
+    layout.rows = sizes[d - 1];
+    layout.tile_rows = tile_rows;
   }
   return layout;
 }
@@ -181,34 +197,31 @@ void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntAr
     run_kernel(x, out, p, mode, key, BlockLayout{1, 1, x.numel()});
     return;
   }
-  // Otherwise the kernels see a contiguous tensor; block runs along a dim are moved last.
+  // Otherwise the kernels see a contiguous tensor.
   BlockLayout layout{1, 1, x.numel()};
-  at::Tensor src = x;
-  int64_t moved_from = -1;
   if (blocked) {
     const bool scaled = p.kind == Kind::Scaled;
-    const int64_t dim = params[scaled ? kScaledDim : kBlockDim];
+    int64_t dim = params[scaled ? kScaledDim : kBlockDim];
     int64_t block_size = params[scaled ? kScaledBlockSize : kBlockSize];
+    const int64_t tile_rows = scaled ? params[kScaledTileRows] : 1;
     // Block floating point's dim without block_size: one exponent per index along dim;
     // a scaled format's whole-tensor block: one scale.
     const bool whole = scaled ? block_size == kScaledWholeTensor || x.dim() == 0 : dim == -1 && block_size == 0;
-    if (scaled && block_size == kScaledRow && x.dim() > 0) {  // all of dim: one run as long as it
-      block_size = std::max<int64_t>(1, x.size(at::maybe_wrap_dim(dim, x.dim())));
-    }
-    int64_t d = x.dim() == 0 ? 0 : at::maybe_wrap_dim(dim, x.dim());
     if (x.dim() == 0) {
-      TORCH_CHECK(whole || dim == 0 || dim == -1, "lowp::quantize: dim ", dim, " is out of range for a 0-d tensor");
-    } else if (!whole && block_size > 0 && d != x.dim() - 1) {
-      src = x.movedim(d, -1);
-      moved_from = d;
-      d = x.dim() - 1;
+      TORCH_CHECK_VALUE(whole || dim == 0 || dim == -1, "lowp::quantize: dim ", dim, " is out of range for a 0-d tensor");
+    } else {
+      TORCH_CHECK_VALUE(tile_rows == 1 || (x.dim() >= 2 && dim == -1), "lowp::quantize: a (", tile_rows, ", ",
+                        block_size, ") tile needs a tensor of at least 2 dims, blocked along dim -1; got ", x.dim(),
+                        " dims");
+      dim = at::maybe_wrap_dim(dim, x.dim());
+      if (scaled && block_size == kScaledRow) block_size = std::max<int64_t>(1, x.size(dim));  // all of dim
+      layout = block_layout(x.sizes(), dim, block_size, tile_rows, whole);
     }
-    layout = x.dim() == 0 ? BlockLayout{} : block_layout(src.sizes(), d, block_size, whole);
   }
-  src = src.contiguous();
-  at::Tensor dst = moved_from < 0 && out.is_contiguous() ? out : at::empty_like(src, at::MemoryFormat::Contiguous);
+  const at::Tensor src = x.contiguous();
+  at::Tensor dst = out.is_contiguous() ? out : at::empty_like(src, at::MemoryFormat::Contiguous);
   run_kernel(src, dst, p, mode, key, layout);
-  if (!dst.is_same(out)) out.copy_(moved_from < 0 ? dst : dst.movedim(-1, moved_from));
+  if (!dst.is_same(out)) out.copy_(dst);
 }
 
 at::Tensor quantize(const at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,
@@ -296,6 +309,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SPECIALS") = names(lowp::kSpecialsNames);
   m.attr("OVERFLOWS") = names(lowp::kOverflowNames);
   m.attr("SCALE_ROUNDINGS") = names(lowp::kScaleRuleNames);
+  m.attr("SCALES") = names(lowp::kScaleKindNames);
   pybind11::dict params;
   params["fixed"] = names(lowp::kFixedParamNames);
   params["float"] = names(lowp::kFloatParamNames);

@@ -16,18 +16,39 @@
 
 namespace lowp {
 
-// Blocks of block floating point on a contiguous tensor viewed as [outer, dim_size, inner]:
-// element (o, d, i) belongs to block  o * blocks_per_outer + d / block_len  when the blocks
-// are per outer index (block_size runs), or to block  d / block_len  when they are shared
-// by every outer index (whole tensor: dim_size = 1; one exponent per index along a dim).
+// The blocks of a block or scaled format on a contiguous tensor viewed as [outer, dim_size,
+// inner], dim_size being the blocking dim. Element (o, d, i) belongs to block
+//   d / block_len                                                   when blocks_per_outer == 0:
+//       blocks shared by every outer and inner index (block floating point's one exponent per
+//       index along a dim; the whole tensor, with dim_size 1);
+//   (tile_row(o) * blocks_per_outer + d / block_len) * inner + i    otherwise:
+//       runs of block_len along dim, one block per run and inner index. tile_row(o) is o for
+//       runs; for (tile_rows, block_len) tiles over the last two dims (inner 1) it groups
+//       tile_rows consecutive rows within each matrix of `rows` rows.
 struct BlockLayout {
   int64_t outer = 1, dim_size = 1, inner = 1;
   int64_t block_len = 1;          // indices of dim per block
-  int64_t blocks_per_outer = 0;   // 0: blocks shared by every outer index
+  int64_t blocks_per_outer = 0;   // runs per outer index; 0: blocks shared by every outer index
+  int64_t rows = 1, tile_rows = 1;
   LOWP_HD int64_t numel() const { return outer * dim_size * inner; }
+  LOWP_HD int64_t tile_row(int64_t o) const {
+    if (tile_rows == 1) return o;
+    return (o / rows) * ((rows + tile_rows - 1) / tile_rows) + (o % rows) / tile_rows;
+  }
   LOWP_HD int64_t num_blocks() const {
     const int64_t per_dim = (dim_size + block_len - 1) / block_len;
-    return blocks_per_outer ? outer * per_dim : per_dim;
+    return blocks_per_outer ? (tile_row(outer - 1) + 1) * blocks_per_outer * inner : per_dim;
+  }
+  // Whether each block is a strided column (runs along a dim that is not the last).
+  LOWP_HD bool column_blocks() const { return blocks_per_outer != 0 && inner > 1; }
+  LOWP_HD int64_t block_of(int64_t o, int64_t d, int64_t i) const {
+    if (!blocks_per_outer) return d / block_len;
+    return (tile_row(o) * blocks_per_outer + d / block_len) * inner + i;
+  }
+  // Stochastic rounding's counter of element (o, d, i): its index in the tensor with dim moved
+  // last when the blocks are columns (so a block's counters are consecutive), else its index.
+  LOWP_HD int64_t counter_of(int64_t o, int64_t d, int64_t i) const {
+    return column_blocks() ? (o * inner + i) * dim_size + d : (o * dim_size + d) * inner + i;
   }
 };
 
@@ -78,17 +99,24 @@ LOWP_HD int step_exponent(const FormatParams& p, float x, int block) {
   return p.e_q;
 }
 
-// What a block of a block or scaled format needs, from its largest finite magnitude: the
-// `block` argument of step_exponent, and the largest magnitude of its elements.
+// What a block of a block or scaled format needs, from its largest finite magnitude (and,
+// for NVFP4's tensor scale, the whole tensor's): the `block` argument of step_exponent, the
+// largest magnitude of its elements (what +-Inf saturates to), and for float scales the
+// block's scale (0: every finite element becomes +-0; `block` is then unused).
 struct BlockState {
   int block;
   float max_mag;
+  float scale;
 };
 
 template <Kind K>
-LOWP_HD BlockState block_state(const FormatParams& p, uint32_t max_bits) {
+LOWP_HD BlockState block_state(const FormatParams& p, uint32_t max_bits, uint32_t tensor_max_bits) {
   BlockState s;
-  if (K == Kind::Scaled) {
+  s.scale = 0.0f;
+  if (K == Kind::Scaled && p.scale != ScaleKind::E8m0) {
+    s.block = 0;
+    float_block_scale(p, max_bits, tensor_max_bits, &s.scale, &s.max_mag);
+  } else if (K == Kind::Scaled) {
     s.block = scale_exponent(p, max_bits);
     s.max_mag = p.element_max * pow2_normal(s.block / 2) * pow2_normal(s.block - s.block / 2);  // exact
   } else {

@@ -26,9 +26,14 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
 __device__ __forceinline__ int64_t block_of(int64_t i, const BlockLayout& L) {
   if (L.dim_size == 1 && L.blocks_per_outer == 0) return 0;  // whole tensor
   const int64_t row = i / L.inner;
-  const int64_t d = row % L.dim_size;
-  const int64_t c = d / L.block_len;
-  return L.blocks_per_outer ? (row / L.dim_size) * L.blocks_per_outer + c : c;
+  return L.block_of(row / L.dim_size, row % L.dim_size, i % L.inner);
+}
+
+// Stochastic rounding's counter of element i (see BlockLayout::counter_of).
+__device__ __forceinline__ int64_t counter_of(int64_t i, const BlockLayout& L) {
+  if (!L.column_blocks()) return i;
+  const int64_t row = i / L.inner;
+  return L.counter_of(row / L.dim_size, row % L.dim_size, i % L.inner);
 }
 
 template <Kind K, Rounding R>
@@ -36,12 +41,19 @@ __device__ __forceinline__ float quantize_element(float x, int64_t i, const Form
                                                   const BlockLayout& L, const uint32_t* maxima) {
   int block_e_q = 0;
   float max_pos = p.max_pos, max_neg = p.max_neg;
+  float scale = 0.0f;
   if (K == Kind::Block || K == Kind::Scaled) {
-    const BlockState state = block_state<K>(p, maxima[block_of(i, L)]);
+    // maxima[num_blocks]: the whole tensor's, for NVFP4's tensor scale
+    const BlockState state = block_state<K>(p, maxima[block_of(i, L)], p.tensor_scale ? maxima[L.num_blocks()] : 0u);
     block_e_q = state.block;
     max_pos = max_neg = state.max_mag;
+    scale = state.scale;
   }
-  const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(i)) : 0u;
+  const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(counter_of(i, L))) : 0u;
+  if (K == Kind::Scaled && p.scale != ScaleKind::E8m0) {
+    return float_scaled_fast_applies<R>(p, scale) ? quantize_float_scaled_fast<R>(p, x, scale, max_pos)
+                                                  : quantize_float_scaled<R>(p, x, scale, max_pos, r);
+  }
   return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, p.overflow_inf, r);
 }
 
@@ -71,13 +83,15 @@ __global__ void quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __res
 }
 
 // Largest finite magnitude of every block: each thread folds its run of elements of one
-// block and flushes with atomicMax; for a single block, a warp reduces first.
+// block and flushes with atomicMax; for a single block, a warp reduces first. With
+// `whole`, also the whole tensor's, into maxima[num_blocks].
 template <typename scalar_t>
-__global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, BlockLayout L, uint32_t* maxima) {
+__global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, BlockLayout L, uint32_t* maxima,
+                                 bool whole) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool single = L.num_blocks() == 1;
   int64_t current = -1;
-  uint32_t m = 0;
+  uint32_t m = 0, all = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t b = single ? 0 : block_of(i, L);
     if (b != current) {
@@ -86,6 +100,11 @@ __global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, Blo
       m = 0;
     }
     m = max(m, finite_magnitude_bits(static_cast<float>(in[i])));
+    all = max(all, m);
+  }
+  if (whole) {
+    for (int offset = 16; offset > 0; offset /= 2) all = max(all, __shfl_xor_sync(0xffffffffu, all, offset));
+    if ((threadIdx.x & 31) == 0 && all) atomicMax(maxima + L.num_blocks(), all);
   }
   if (single) {
     for (int offset = 16; offset > 0; offset /= 2) m = max(m, __shfl_xor_sync(0xffffffffu, m, offset));
@@ -116,9 +135,10 @@ void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p,
     at::Tensor maxima;
     const uint32_t* maxima_ptr = nullptr;
     if (p.kind == Kind::Block || p.kind == Kind::Scaled) {
-      maxima = at::zeros({layout.num_blocks()}, in.options().dtype(at::kInt));
+      // one more slot for the whole tensor's maximum (NVFP4's tensor scale)
+      maxima = at::zeros({layout.num_blocks() + 1}, in.options().dtype(at::kInt));
       uint32_t* ptr = reinterpret_cast<uint32_t*>(maxima.mutable_data_ptr<int>());
-      block_max_kernel<<<grid_size(n), kThreads, 0, stream>>>(src, n, layout, ptr);
+      block_max_kernel<<<grid_size(n), kThreads, 0, stream>>>(src, n, layout, ptr, p.tensor_scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       maxima_ptr = ptr;
     }

@@ -27,6 +27,9 @@ enum class Kind : int { Fixed = 0, Float = 1, Block = 2, Scaled = 3 };
 // How a scaled format's power-of-two (E8M0) block scale follows from the block's amax
 // (torchao's ScaleCalculationMode; see scale_exponent).
 enum class ScaleRule : int { Floor = 0, Ceil = 1, Even = 2, Rceil = 3 };
+// What a scaled format's block scale is: a power of two 2^E (E8M0), or a float s =
+// amax / element_max rounded to nearest E4M3 or float32 (see float_block_scale).
+enum class ScaleKind : int { E8m0 = 0, Fp8E4m3 = 1, Fp32 = 2 };
 
 constexpr uint32_t kSignBit = 0x80000000u;
 constexpr uint32_t kInfBits = 0x7f800000u;
@@ -103,23 +106,31 @@ LOWP_HD uint32_t may_round_away(uint32_t negative) {
 // |x| (finite, given by its bits `a`) rounded to a multiple of 2^e_q with mode R, as bits.
 // `negative` is 0 or 1; `rbits` are 32 uniform random bits, used by Stochastic only. Written with selects on
 // integers instead of branches, so that the CPU loop vectorises and GPU warps do not diverge.
+// `above` / `below` (0 or 1; not for Stochastic; for callers whose step is coarser than a's
+// last bit): a is a rounded stand-in for an exact value a little above / below it (closer
+// than a's last bit).
 template <Rounding R>
-LOWP_HD uint32_t round_to_step(uint32_t a, int e_q, uint32_t negative, uint32_t rbits) {
+LOWP_HD uint32_t round_to_step(uint32_t a, int e_q, uint32_t negative, uint32_t rbits, uint32_t above = 0u,
+                               uint32_t below = 0u) {
   const uint32_t biased = a >> 23;
   const uint32_t m = (a & 0x7fffffu) | (biased ? 0x800000u : 0u);  // significand
   const int e_lsb = max_int(static_cast<int>(biased), 1) - 150;      // exponent of its last bit
   const int drop = e_q - e_lsb;                                       // bits below the step
   // From 25 dropped bits on, the quotient is 0 and the remainder is below half the step.
   const int d = min_int(max_int(drop, 0), 25);
-  const uint32_t k = m >> d;
   const uint32_t rem = m & ((1u << d) - 1u);
-  const uint32_t half = (1u << d) >> 1;
+  // The remainder doubled, plus what lies above or below a: 2 rem + above - below, against
+  // the doubled half step. An exact value just below a multiple of the step borrows from k.
+  const uint32_t borrow = static_cast<uint32_t>(rem == 0u) & below;
+  const uint32_t k = (m >> d) - borrow;
+  const uint32_t rem2 = 2u * rem + above - below + (borrow << (d + 1));
+  const uint32_t half2 = 1u << d;
   // inc: 1 to round the magnitude up. For drop <= 0 it is ignored (see the return).
   uint32_t inc = 0;
-  if (R == Rounding::Nearest) inc = rem + (k & 1u) > half;  // ties to the even quotient
-  if (R == Rounding::NearestAway) inc = rem >= half;
-  if (R == Rounding::Down) inc = negative & (rem != 0u);
-  if (R == Rounding::Up) inc = (negative ^ 1u) & (rem != 0u);
+  if (R == Rounding::Nearest) inc = rem2 + (k & 1u) > half2;  // ties to the even quotient
+  if (R == Rounding::NearestAway) inc = rem2 >= half2;
+  if (R == Rounding::Down) inc = negative & (rem2 != 0u);
+  if (R == Rounding::Up) inc = (negative ^ 1u) & (rem2 != 0u);
   if (R == Rounding::Stochastic) {
     // Up with probability rem / 2^drop: compare with the remainder scaled to 32 bits
     // (exact for drop <= 32; beyond, the probability is below 2^-8 and resolved to 2^-32).
@@ -176,6 +187,8 @@ struct FormatParams {
   int element_emax;     // floor(log2(largest element))
   int element_mbits;    // mantissa bits of the element (fixed point: wl - 2), for ScaleRule::Even
   float element_max;    // largest element
+  ScaleKind scale;      // what the block scale is
+  bool tensor_scale;    // NVFP4: a float32 tensor scale above E4M3 block scales
 };
 
 // Step exponent of a custom float around |x| (bits a).
@@ -266,6 +279,244 @@ LOWP_HD int scaled_step_exponent(const FormatParams& p, uint32_t a, int E) {
   const int e = (a & 0x7fffffffu) ? exponent_of(a) - E : -1000;  // zero: below every emin
   const int below_normals = p.subnormals ? p.emin - p.man : p.emin;
   return (e < p.emin ? below_normals : e - p.man) + E;
+}
+
+// ---- float block scales (fp32, fp8_e4m3, NVFP4) ----------------------------------------
+// A float scale s is not a power of two, so x / s is not exact in float32 and rounding
+// float32(x / s) would round twice. Instead every decision about the element q is made
+// exactly in double: s has at most 24 significant bits and a grid value g of the element at
+// most 25 (an element has at most 23 mantissa bits, a fixed-point element at most 24
+// magnitude bits), so g * s is exact in double (and within its range), and so are the
+// comparisons of those products with x (a float32, exact in double). float32(x / s), or its
+// double version, only says where to look; the checks after it make the result exact.
+// The float32 arithmetic of the scales themselves is single IEEE operations (no fused or
+// reassociated ones): the same float32 bits as torchao's PyTorch code computes them.
+
+LOWP_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+LOWP_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+LOWP_HD uint64_t bits_of_double(double d) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(d));
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_bit_cast(uint64_t, d);
+#else
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+#endif
+}
+
+LOWP_HD double double_of(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_bit_cast(double, u);
+#else
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+#endif
+}
+
+// floor(d) for a double d >= 0.
+LOWP_HD double floor_double(double d) {
+#if defined(__CUDA_ARCH__)
+  return floor(d);
+#else
+  return __builtin_floor(d);
+#endif
+}
+
+// a * b + c with one rounding.
+LOWP_HD double fma_double(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
+// 2^e as a double, for a normal double exponent e in [-1022, 1023].
+LOWP_HD double pow2_double(int64_t e) { return double_of(static_cast<uint64_t>(e + 1023) << 52); }
+
+// The largest E4M3 value (OCP E4M3, "fn": no Inf, 448 = 1.75 * 2^8), its smallest normal
+// (torchao's E4M3_EPS, the floor of NVFP4's block scales) and its smallest positive value.
+constexpr float kE4m3Max = 448.0f;
+constexpr float kE4m3MinNormal = 0.015625f;  // 2^-6
+constexpr float kE4m3Tiny = 0.001953125f;    // 2^-9
+constexpr float kFloat32Tiny = 1.40129846e-45f;  // 2^-149
+
+// A non-negative float32 v (Inf included) rounded to nearest E4M3, ties to even, saturating
+// at 448 (as PyTorch's cast to float8_e4m3fn of a value already clamped to 448).
+LOWP_HD float round_e4m3(float v) {
+  const uint32_t a = bits_of(v < kE4m3Max ? v : kE4m3Max);
+  if (a == 0u) return 0.0f;
+  const int e_q = max_int(exponent_of(a), -6) - 3;  // 3 mantissa bits; subnormals below 2^-6
+  return float_of(round_to_step<Rounding::Nearest>(a, e_q, 0u, 0u));  // <= 448: 448 is on the grid
+}
+
+// The float scale of a block whose largest finite magnitude has bits max_bits (and, for
+// NVFP4, the whole tensor's has bits tensor_bits), in float32 operations as torchao does them:
+//   fp32:     s = amax / element_max
+//   fp8_e4m3: s = e4m3(amax / element_max) (to nearest, saturating at 448)
+//   NVFP4:    t = tensor_amax / (448 * element_max)                 (per_tensor_amax_to_scale)
+//             s = t * e4m3(clamp((amax / element_max) / t, 2^-6, 448))  (nvfp4_quantize,
+//             get_hp_scales: the block's scale is the float32 product of the two)
+// s = 0 (an all-zero block, or a scale that underflows) makes every finite element +-0.
+// *inf_mag is what +-Inf saturates to: element_max * s, or where s = 0 element_max times the
+// smallest positive scale (2^-149; 2^-9; t * 2^-9), as float32.
+LOWP_HD void float_block_scale(const FormatParams& p, uint32_t max_bits, uint32_t tensor_bits, float* scale,
+                               float* inf_mag) {
+  const float amax = float_of(max_bits);
+  const float block = div_rn(amax, p.element_max);
+  float s, tiny;
+  if (p.tensor_scale) {
+    const float t = div_rn(float_of(tensor_bits), static_cast<float>(static_cast<double>(kE4m3Max) * p.element_max));
+    const float scaled = div_rn(max_bits ? block : 1.0f, t);  // t = 0 (no finite nonzero value): Inf
+    const float clamped = scaled < kE4m3MinNormal ? kE4m3MinNormal : scaled > kE4m3Max ? kE4m3Max : scaled;
+    s = mul_rn(t, round_e4m3(clamped));
+    tiny = mul_rn(t, kE4m3Tiny);
+  } else if (p.scale == ScaleKind::Fp8E4m3) {
+    s = round_e4m3(block);
+    tiny = kE4m3Tiny;
+  } else {
+    s = block;
+    tiny = kFloat32Tiny;
+  }
+  *scale = max_bits ? s : 0.0f;
+  *inf_mag = static_cast<float>(static_cast<double>(p.element_max) * (*scale > 0.0f ? *scale : tiny));
+}
+
+// One element of a block with float scale s >= 0 (inf_mag: what +-Inf becomes): the element
+// q nearest the exact quotient |x| / s in mode R on the element's grid, saturating at
+// element_max, then float32(q * s) with x's sign. NaN stays NaN; s = 0 gives +-0.
+//
+// With lo = k * step <= |x| / s < hi = lo + step (step: the element's step around |x| / s),
+// decided exactly as |x| against lo * s and hi * s:
+//   nearest: up when |x| > (lo + step / 2) * s, or equal and k odd (ties to even);
+//   nearest_away: up when |x| >= (lo + step / 2) * s; toward_zero: never;
+//   down / up: up (in magnitude) when |x| > lo * s and x is negative / positive;
+//   stochastic: up when rbits < floor(frac * 2^32), with frac = (|x| - lo * s) / (step * s)
+//     the exact real fraction (this is the definition of frac): |x| - lo * s is exact in
+//     double, and with s = S * 2^b (S an integer below 2^24), frac * 2^32 is
+//     (|x| - lo * s) * 2^(32 - e_step - b) / S, whose floor is found exactly below.
+template <Rounding R>
+LOWP_HD float quantize_float_scaled(const FormatParams& p, float x, float s, float inf_mag, uint32_t rbits) {
+  // Written with selects instead of branches (stand-ins where the result is set at the end),
+  // so that the CPU loop can vectorise for the non-stochastic modes.
+  const uint32_t u = bits_of(x);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a_bits = u ^ sign;
+  const bool live = a_bits - 1u < kInfBits - 1u && s > 0.0f;  // finite, nonzero, with a positive scale
+  const double a = float_of(live ? a_bits : 0x3f800000u), sd = live ? s : 1.0f;
+  const double top = static_cast<double>(p.element_max);
+  const double t = a / sd;  // the quotient to within half an ulp of double: where to look
+  // Exponents as int64 and doubles throughout: one lane width, which the vectoriser needs.
+  // The binade 2^eb <= |x| / s < 2^(eb+1) (float elements): t's, or one below where t rounded
+  // up to 2^(eb+1); the step there, or fixed point's constant one (chosen with a mask: a
+  // select on the loop-invariant kind does not vectorise).
+  int64_t eb = static_cast<int64_t>(bits_of_double(t) >> 52) - 1023;  // t > 0: no sign bit
+  eb -= pow2_double(eb) * sd > a ? 1 : 0;
+  const int64_t emin = p.emin, below_normals = p.subnormals ? p.emin - p.man : p.emin;
+  const int64_t float_step = eb < emin ? below_normals : eb - p.man;
+  const int64_t float_mask = p.element == Kind::Float ? -1 : 0;
+  const int64_t e_step = (float_step & float_mask) | (static_cast<int64_t>(p.e_q) & ~float_mask);
+  const double step = pow2_double(e_step);
+  // k = floor(t / step), or one below where t rounded up onto a multiple of the step. Below
+  // element_max, k < 2^25; past it, q is set to element_max below.
+  double k = floor_double(t * pow2_double(-e_step));
+  k -= k * step * sd > a ? 1.0 : 0.0;
+  const double lo = k * step;  // exact: few bits
+  const double lo_s = lo * sd;  // exact: at most 25 + 24 bits (below element_max)
+  const bool negative = sign != 0u;
+  bool up = false;
+  if (R == Rounding::Nearest || R == Rounding::NearestAway) {
+    const double mid_s = (lo + 0.5 * step) * sd;  // exact: at most 26 + 24 bits
+    const bool odd = k - 2.0 * floor_double(0.5 * k) != 0.0;
+    up = R == Rounding::Nearest ? (a > mid_s || (a == mid_s && odd)) : a >= mid_s;
+  }
+  if (R == Rounding::Down) up = negative && a > lo_s;
+  if (R == Rounding::Up) up = !negative && a > lo_s;
+  if (R == Rounding::Stochastic) {
+    // threshold = floor(z), z = (|x| - lo * s) * 2^(32 - e_step - b) / S = frac * 2^32 < 2^32.
+    // The numerator is exact; c = floor(z rounded to double) is floor(z) or, where z lies
+    // just below an integer and rounds up to it, one more: the sign of c * S - numerator,
+    // exact through one fused multiply-add, tells (doubles throughout, so it vectorises).
+    const uint32_t biased = bits_of(s) >> 23;
+    const double big_s = static_cast<double>((bits_of(s) & 0x7fffffu) | (biased ? 0x800000u : 0u));  // s = S * 2^b
+    const int64_t b = static_cast<int64_t>(max_int(static_cast<int>(biased), 1)) - 150;
+    const double scaled = (a - lo_s) * pow2_double(32 - e_step - b);  // exact, below S * 2^32 <= 2^56
+    double c = floor_double(scaled / big_s);
+    c -= fma_double(c, big_s, -scaled) > 0.0 ? 1.0 : 0.0;
+    up = static_cast<double>(rbits) < c;
+  }
+  // |x| / s >= element_max (on the grid): every mode saturates there; below, lo + step <= max.
+  const double q = a >= top * sd ? top : up ? lo + step : lo;
+  const uint32_t mag = live ? bits_of(static_cast<float>(q * sd)) : 0u;  // q * s exact; one rounding
+  const uint32_t special = a_bits > kInfBits ? u : sign | bits_of(inf_mag);  // NaN; +-Inf saturates
+  return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
+}
+
+// a * b + c with one rounding, in float32.
+LOWP_HD float fma_float(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+// Whether quantize_float_scaled_fast gives quantize_float_scaled's result in a block with
+// scale s: modes other than stochastic, scales within 2^-60..2^60 and element steps of at
+// least 2^-30 (so the remainder below is exact wherever its sign matters).
+template <Rounding R>
+LOWP_HD bool float_scaled_fast_applies(const FormatParams& p, float s) {
+  const int element_step = p.element == Kind::Fixed ? p.e_q : (p.subnormals ? p.emin - p.man : p.emin);
+  return R != Rounding::Stochastic && s >= 0x1p-60f && s <= 0x1p60f && element_step >= -30;
+}
+
+// quantize_float_scaled's result in float32 operations, where float_scaled_fast_applies:
+// y = float32(|x| / s), and the remainder |x| - y * s, exact by one fused multiply-add (the
+// remainder of a correctly rounded quotient is a float32), says on which side of y the exact
+// quotient lies. That sign is all that rounding y to the element's grid, much coarser than
+// y's last bit, can miss: where y lands on a midpoint or on the grid itself (round_to_step's
+// sticky). Then q * s in one float32 multiplication: exact, rounded once.
+template <Rounding R>
+LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s, float inf_mag) {
+  const uint32_t u = bits_of(x);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a_bits = u ^ sign;
+  const bool live = a_bits - 1u < kInfBits - 1u && s > 0.0f;  // finite, nonzero, with a positive scale
+  const float a = float_of(live ? a_bits : 0x3f800000u), sd = live ? s : 1.0f;
+  const float y = div_rn(a, sd);
+  const float rest = fma_float(-y, sd, a);  // NaN where y overflowed: then y > top below
+  const uint32_t above = rest > 0.0f, below = rest < 0.0f;
+  const uint32_t y_bits = bits_of(y);
+  // (a mask, not a select on the loop-invariant kind, which does not vectorise)
+  const int fixed_mask = p.element == Kind::Fixed ? -1 : 0;
+  const int e_q = (p.e_q & fixed_mask) | (float_step_exponent(p, y_bits) & ~fixed_mask);
+  const uint32_t q = round_to_step<R>(y_bits, e_q, sign >> 31, 0u, above, below);
+  // the exact quotient at or past the largest element: every mode saturates there
+  const uint32_t top = bits_of(p.element_max);
+  const bool saturate = y_bits > top || (y_bits == top && !below) || q > top;
+  const uint32_t live_mask = 0u - static_cast<uint32_t>(live);
+  const uint32_t mag = bits_of(mul_rn(float_of(saturate ? top : q), sd)) & live_mask;
+  const uint32_t special = a_bits > kInfBits ? u : sign | bits_of(inf_mag);  // NaN; +-Inf saturates
+  return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
 }
 
 // Bits of |x| for the block maximum: finite magnitudes compare as integers; Inf/NaN count 0.

@@ -54,6 +54,10 @@ def _check(
         fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)
     ):
         raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {x.dim()} dims")
+    if isinstance(fmt, ScaledFormat) and isinstance(fmt.block, tuple) and x.dim() < 2:
+        raise ValueError(
+            f"block={fmt.block} of {fmt} is a tile over the last two dims; x must have 2 or more dims, got {x.dim()}"
+        )
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import lightning_lowp._C as _C
-from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SCALE_ROUNDINGS, SPECIALS, Format
+from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SCALE_ROUNDINGS, SCALES, SPECIALS, Format
 
 __all__ = ["BUILT_WITH_CUDA", "check_vocabulary", "kernel_args", "quantize", "quantize_", "quantize_foreach_"]
 
@@ -36,6 +36,7 @@ def check_vocabulary() -> None:
         ("float specials", SPECIALS, _C.SPECIALS),
         ("float overflow modes", OVERFLOWS, _C.OVERFLOWS),
         ("scale roundings", SCALE_ROUNDINGS, _C.SCALE_ROUNDINGS),
+        ("scales", SCALES, _C.SCALES),
     ):
         if tuple(python) != tuple(compiled):
             raise ImportError(

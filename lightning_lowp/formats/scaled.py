@@ -135,14 +135,13 @@ class ScaledFormat(Format):
         return math.frexp(self.element_max)[1] - 1
 
     def kernel_params(self) -> dict[str, int]:
-        if self.scale != "e8m0" or isinstance(self.block, tuple):
-            raise NotImplementedError(
-                f"{self}: the compiled kernels take power-of-two (e8m0) scales over runs, rows or the whole "
-                "tensor so far; float scales and tiles are computed by lightning_lowp.reference.reference_quantize"
-            )
         e = self.element
         fixed = isinstance(e, FixedPoint)
-        block = {"tensor": _WHOLE_TENSOR, "row": _ROW}.get(self.block, self.block)  # type: ignore[arg-type]
+        tile_rows = 1
+        if isinstance(self.block, tuple):  # (rows, cols): runs of cols, grouped tile_rows rows at a time
+            tile_rows, block = self.block
+        else:
+            block = {"tensor": _WHOLE_TENSOR, "row": _ROW}.get(self.block, self.block)  # type: ignore[arg-type]
         return {
             "element_kind": 0 if fixed else 1,
             "wl": e.wl if isinstance(e, FixedPoint) else 0,
@@ -154,7 +153,11 @@ class ScaledFormat(Format):
             "specials": SPECIALS.index(e.specials) if isinstance(e, FloatingPoint) else 0,
             "dim": self.dim,
             "block_size": int(block),
-            "scale_rounding": SCALE_ROUNDINGS.index(self.scale_rounding),
+            # (float scales always round to nearest: the kernels ignore scale_rounding for them)
+            "scale_rounding": SCALE_ROUNDINGS.index(self.scale_rounding) if self.scale == "e8m0" else 0,
+            "scale": SCALES.index(self.scale),
+            "tensor_scale": int(self.tensor_scale),
+            "tile_rows": tile_rows,
         }
 
 
