@@ -4,14 +4,20 @@
 // kernels can walk linearly.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/InferenceMode.h>
 #include <pybind11/pybind11.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "quantize.h"
 #include "vocabulary.h"
@@ -231,9 +237,61 @@ at::Tensor quantize(const at::Tensor& x, int64_t kind, at::IntArrayRef params, i
   return out;
 }
 
+// As torch's own in-place ops: an inference tensor is written only in inference mode.
+void check_writable(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "lowp::", what,
+              ": an in-place update to an inference tensor outside InferenceMode is not allowed");
+}
+
 void quantize_(at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,
                const std::optional<at::Generator>& generator) {
+  check_writable(x, "quantize_");
   quantize_into(x, x, kind, params, rounding, generator);
+}
+
+// The bytes a tensor's elements span, from its first to past its last (a bound: a strided
+// tensor need not touch all of them).
+struct Span {
+  uintptr_t begin, end;
+  size_t index;
+  bool written;
+};
+
+Span span_of(const at::Tensor& t, size_t index, bool written) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), index, written};
+}
+
+// No out[i] may share memory with another tensor of the call (x[i] excepted when it is the
+// same view: in place): the kernels would read values another tensor's rounding already
+// wrote. A sweep over the tensors' spans sorted by address; spans that meet are checked
+// element-wise by at::get_overlap_status.
+void check_no_overlap(at::TensorList out, at::TensorList x) {
+  std::vector<Span> spans;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i].numel() == 0) continue;
+    spans.push_back(span_of(out[i], i, true));
+    const bool in_place = out[i].is_same(x[i]) || (out[i].const_data_ptr() == x[i].const_data_ptr() &&
+                                                   out[i].strides() == x[i].strides());
+    if (!in_place) spans.push_back(span_of(x[i], i, false));
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  std::vector<Span> open;
+  for (const Span& s : spans) {
+    open.erase(std::remove_if(open.begin(), open.end(), [&](const Span& o) { return o.end <= s.begin; }), open.end());
+    for (const Span& o : open) {
+      if (!s.written && !o.written) continue;  // two tensors that are only read
+      const at::Tensor& a = s.written ? out[s.index] : x[s.index];
+      const at::Tensor& b = o.written ? out[o.index] : x[o.index];
+      TORCH_CHECK_VALUE(at::get_overlap_status(a, b) == at::MemOverlapStatus::No,
+                        "lowp::quantize_foreach_: ", s.written ? "out[" : "x[", s.index, "] and ",
+                        o.written ? "out[" : "x[", o.index,
+                        "] share memory; each output must be its own input (in place) or overlap no other tensor");
+    }
+    open.push_back(s);
+  }
 }
 
 // out[i] = quantize(x[i]) for every i, in one call: what a training step needs for all its
@@ -250,11 +308,60 @@ void quantize_foreach_(at::TensorList out, at::TensorList x, int64_t kind, at::I
                       "lowp::quantize_foreach_: out[", i, "] and x[", i, "] must match in shape, dtype and device, got ",
                       out[i].sizes(), " ", out[i].scalar_type(), " ", out[i].device(), " and ", x[i].sizes(), " ",
                       x[i].scalar_type(), " ", x[i].device());
+    // The dispatcher picks one kernel for the whole list, from the first tensor's device.
+    TORCH_CHECK_VALUE(x[i].device() == x[0].device(), "lowp::quantize_foreach_: every tensor must be on one device; x[",
+                      i, "] is on ", x[i].device(), ", x[0] on ", x[0].device());
+    check_writable(out[i], "quantize_foreach_");
   }
+  check_no_overlap(out, x);
   for (size_t i = 0; i < out.size(); ++i) {
     at::Tensor o = out[i];
     quantize_into(x[i], o, kind, params, rounding, generator);
   }
+}
+
+// ---- the in-place operators under autograd ----------------------------------------------
+// As torch's own in-place ops: what they write gets its version counter bumped (so a backward
+// that saved it refuses to run), and under grad mode a tensor that requires grad is refused:
+// a leaf with torch's message, any other because these operators have no derivative
+// (lightning_lowp.quantize_ gives one, straight-through, by writing quantize(x) with copy_).
+
+void check_autograd_write(const at::Tensor& t, const char* what) {
+  check_writable(t, what);
+  if (!c10::GradMode::is_enabled() || !t.requires_grad()) return;
+  TORCH_CHECK(!t.is_leaf(), "lowp::", what,
+              ": a leaf Variable that requires grad is being used in an in-place operation.");
+  TORCH_CHECK(false, "lowp::", what,
+              " has no derivative: to round a tensor that requires grad in place, use lightning_lowp.quantize_ "
+              "(straight-through), or torch.no_grad()");
+}
+
+void quantize_autograd(at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                       const std::optional<at::Generator>& generator) {
+  check_autograd_write(x, "quantize_");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lowp::quantize_", "")
+                             .typed<void(at::Tensor&, int64_t, at::IntArrayRef, int64_t,
+                                         const std::optional<at::Generator>&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(x, kind, params, rounding, generator);
+  }
+  x.unsafeGetTensorImpl()->bump_version();
+}
+
+void quantize_foreach_autograd(at::TensorList out, at::TensorList x, int64_t kind, at::IntArrayRef params,
+                               int64_t rounding, const std::optional<at::Generator>& generator) {
+  for (const at::Tensor& t : out) check_autograd_write(t, "quantize_foreach_");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lowp::quantize_foreach_", "")
+                             .typed<void(at::TensorList, at::TensorList, int64_t, at::IntArrayRef, int64_t,
+                                         const std::optional<at::Generator>&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(out, x, kind, params, rounding, generator);
+  }
+  for (const at::Tensor& t : out) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
@@ -273,6 +380,11 @@ TORCH_LIBRARY_IMPL(lowp, CPU, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_", &quantize_);
   m.impl("quantize_foreach_", &quantize_foreach_);
+}
+
+TORCH_LIBRARY_IMPL(lowp, Autograd, m) {
+  m.impl("quantize_", &quantize_autograd);
+  m.impl("quantize_foreach_", &quantize_foreach_autograd);
 }
 
 #ifdef LOWP_WITH_CUDA

@@ -33,7 +33,9 @@ class QuantizeFunction(torch.autograd.Function):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         ctx.backward_args = (backward, backward_rounding, generator)
-        return x.view_as(x) if forward is None else quantize(x, forward, forward_rounding, generator)
+        # Without a forward format, a copy: a view of x (or x itself, which autograd also makes
+        # a view) could not be modified in place by the next layer (ReLU(inplace=True)).
+        return x.clone() if forward is None else quantize(x, forward, forward_rounding, generator)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -36,6 +36,23 @@ DEFAULT_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool3d,
 )
 
+
+def _map_float_tensors(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``output`` with ``fn`` applied to every floating-point tensor in it.
+
+    Through tuples (named ones included), lists and dicts; anything else is kept as is.
+    """
+    if isinstance(output, torch.Tensor):
+        return fn(output) if output.is_floating_point() else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple, e.g. PackedSequence
+        return type(output)(*(_map_float_tensors(o, fn) for o in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_map_float_tensors(o, fn) for o in output)
+    if isinstance(output, dict):
+        return type(output)((k, _map_float_tensors(v, fn)) for k, v in output.items())
+    return output
+
+
 _OVERRIDE_KEYS = ("forward", "backward", "forward_rounding", "backward_rounding")
 
 
@@ -64,7 +81,10 @@ class QuantizeActivations(pl.Callback):
     """Quantize the outputs of selected modules (activations) and the gradients into them (errors).
 
     Hooks are attached when fit, validate, test or predict starts and removed when it ends
-    (also after an error). The selection is checked then, before any step runs.
+    (also after an error). The selection is checked then, before any step runs. Every
+    floating-point tensor a hooked module returns is quantized, through tuples, lists and dicts:
+    an ``nn.LSTM``'s output and its ``(h_n, c_n)``, an ``nn.MultiheadAttention``'s output and,
+    when it returns them, its attention weights.
 
     Args:
         forward: the format (object or spec string) of activations; ``None`` leaves them in float32.
@@ -195,9 +215,7 @@ class QuantizeActivations(pl.Callback):
         def quantize_output(module: nn.Module, args: Any, output: Any) -> Any:
             if not self.enabled or (not module.training and not self.quantize_eval):
                 return output
-            if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
-                return output
-            return QuantizeFunction.apply(output, *settings, None)
+            return _map_float_tensors(output, lambda t: QuantizeFunction.apply(t, *settings, None))
 
         return quantize_output
 

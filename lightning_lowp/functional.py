@@ -115,9 +115,13 @@ def quantize_(
 ) -> torch.Tensor:
     """Round ``x`` in place to the values of ``fmt``; returns ``x``.
 
-    The arguments are those of :func:`quantize`.
+    The arguments are those of :func:`quantize`. Under autograd it behaves as torch's own
+    in-place ops: a leaf that requires grad is refused, a backward that saved ``x`` before
+    refuses to run, and the gradient through ``x`` passes unchanged (straight-through).
     """
     _, kind, params, mode = _check(x, fmt, rounding, generator)
+    if x.requires_grad and torch.is_grad_enabled():
+        return x.copy_(ops.quantize(x, kind, params, mode, generator))  # copy_ records the in-place write
     ops.quantize_(x, kind, params, mode, generator)
     return x
 
@@ -144,6 +148,14 @@ def quantize_foreach_(
         sources: tensors to read instead of ``tensors``; each ``sources[i]`` must match
             ``tensors[i]`` in shape, dtype and device, and be it or not overlap it.
 
+    Raises:
+        ValueError: tensors on more than one device, a source that does not match its tensor,
+            or a tensor that shares memory with another one of the call (other than its own
+            source, when that is the same view).
+
+    Not differentiable: a tensor that requires grad comes out without a derivative (use
+    :func:`quantize_` for a straight-through one).
+
     Example:
         >>> params = [torch.randn(3, 4), torch.randn(4)]
         >>> lp.quantize_foreach_(params, "bf16")
@@ -157,6 +169,10 @@ def quantize_foreach_(
     for i, (t, s) in enumerate(zip(tensors, sources, strict=True)):
         _check_tensor(t, f"tensors[{i}]")
         _check_tensor(s, f"sources[{i}]")
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"tensors must all be on one device; tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}"
+            )
         if s is not t and (s.shape != t.shape or s.dtype != t.dtype or s.device != t.device):
             raise ValueError(
                 f"sources[{i}] must match tensors[{i}] in shape, dtype and device, got "

@@ -93,7 +93,11 @@ def _quantize_foreach_fake(
     rounding: int,
     generator: torch.Generator | None = None,
 ) -> None:
-    return None
+    # The dispatcher picks one kernel for the whole list; with a meta tensor among CPU ones it
+    # picks this one, which would otherwise leave the CPU tensors as they were.
+    devices = sorted({str(t.device) for t in (*out, *x)})
+    if len(devices) > 1:
+        raise ValueError(f"lowp::quantize_foreach_: every tensor must be on one device, got {devices}")
 
 
 def _straight_through(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

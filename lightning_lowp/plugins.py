@@ -17,7 +17,35 @@ from lightning_lowp.formats import FormatLike
 from lightning_lowp.functional import quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
 
-__all__ = ["LowPrecision"]
+__all__ = ["LowPrecision", "MOMENT_STATES", "moment_states"]
+
+#: The optimizer state tensors of torch.optim that are running estimates of (functions of) the
+#: parameter's gradients or iterates, one value per element: what ``optimizer_state`` rounds.
+#: SGD: momentum_buffer; Adam, AdamW, NAdam, RAdam: exp_avg, exp_avg_sq (and max_exp_avg_sq
+#: with amsgrad); Adamax: exp_avg, exp_inf; RMSprop: square_avg, momentum_buffer, grad_avg;
+#: Adagrad: sum; Adadelta: square_avg, acc_delta; ASGD: ax (the averaged parameter).
+#: Left alone: step counters, per-parameter scalars (ASGD's eta and mu, NAdam's mu_product) and
+#: per-element step sizes (Rprop's step_size, and its prev, the previous gradient's sign source).
+MOMENT_STATES = frozenset(
+    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg", "sum",
+     "acc_delta", "ax"}
+)  # fmt: skip
+
+
+def moment_states(optimizer: Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    """The state tensors of ``p`` that ``optimizer_state`` quantizes.
+
+    For optimizers of ``torch.optim``, those named in :data:`MOMENT_STATES`. For any other
+    optimizer, every floating-point state tensor shaped like a parameter of at least one dim
+    (a 0-d state of a 0-d parameter may be a scalar such as a learning rate: left alone).
+    """
+    state = optimizer.state.get(p, {})
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return [v for k, v in state.items() if k in MOMENT_STATES and torch.is_tensor(v) and v.is_floating_point()]
+    return [
+        v for v in state.values() if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0 and v.shape == p.shape
+    ]
+
 
 # The recipe fields this plugin uses (activations and errors belong to QuantizeActivations).
 _ARGUMENTS = (
@@ -45,9 +73,9 @@ class LowPrecision(Precision):
     4. with ``master_weight``, the updated weight is quantized to ``master_weight`` and kept
        as the master copy;
     5. the weight is quantized to ``weight``;
-    6. every floating-point optimizer state tensor shaped like its parameter (SGD momentum,
-       Adam's ``exp_avg`` and ``exp_avg_sq``, RMSprop's ``square_avg``, ...) is quantized to
-       ``optimizer_state``.
+    6. the optimizer's moment estimates (SGD momentum, Adam's ``exp_avg`` and ``exp_avg_sq``,
+       RMSprop's ``square_avg``, ...; see :func:`moment_states`) are quantized to
+       ``optimizer_state``; step counters and scalars such as ASGD's ``eta`` are not.
 
     Each role is one multi-tensor call over all parameters (:func:`lp.quantize_foreach_`),
     in place; after the first step (which allocates the master weights) a step allocates no
@@ -142,6 +170,14 @@ class LowPrecision(Precision):
     # ---- Lightning hooks --------------------------------------------------------------
 
     @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        # Every strategy calls this with the LightningModule of the run that starts, before it
+        # restores a checkpoint: the plugin's state belongs to that model from here on.
+        if isinstance(module, pl.LightningModule):
+            self._bind(module)
+        return super().convert_module(module)
+
+    @override
     def connect(
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
@@ -201,12 +237,7 @@ class LowPrecision(Precision):
         elif r.weight is not None:
             quantize_foreach_(params, r.weight, r.weight_rounding, g)
         if r.optimizer_state is not None:
-            states = [
-                value
-                for p in params
-                for key, value in optimizer.state.get(p, {}).items()
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape
-            ]
+            states = [s for p in params for s in moment_states(optimizer, p)]
             quantize_foreach_(states, r.optimizer_state, r.optimizer_state_rounding, g)
 
     # ---- state ------------------------------------------------------------------------
@@ -229,17 +260,22 @@ class LowPrecision(Precision):
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _prepare(self, module: pl.LightningModule) -> None:
-        if self._module is None:
+    def _bind(self, module: nn.Module) -> None:
+        """Make ``module`` the model whose master weights this plugin keeps, forgetting another's."""
+        if module is not self._module:
             self._module = module
-            if not self._seeded:
-                # derived from torch's seed (a stream of its own), the same on every rank
-                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
-                strategy = module.trainer.strategy if module._trainer is not None else None
-                if strategy is not None:
-                    seed = int(strategy.broadcast(seed, src=0))
-                self.generator.manual_seed(seed)
-                self._seeded = True
+            self._master_weights = {}
+
+    def _prepare(self, module: pl.LightningModule) -> None:
+        self._bind(module)
+        if not self._seeded:
+            # derived from torch's seed (a stream of its own), the same on every rank
+            seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+            strategy = module.trainer.strategy if module._trainer is not None else None
+            if strategy is not None:
+                seed = int(strategy.broadcast(seed, src=0))
+            self.generator.manual_seed(seed)
+            self._seeded = True
         if self._pending_state is not None:
             self._apply_pending()
 

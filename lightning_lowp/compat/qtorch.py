@@ -323,7 +323,7 @@ class _Rounding(torch.autograd.Function):
         if spec.forward is None:
             if spec.clamping_grad_zero:
                 ctx.mask = torch.zeros_like(x, dtype=torch.bool)
-            return x.view_as(x)
+            return x.clone()  # not a view: the next layer may modify it in place
         if spec.clamping_grad_zero:
             assert isinstance(spec.forward, FixedPoint)  # quantizer() allows only a clamping FixedPoint here
             out, ctx.mask = _fixed_with_mask(x, spec.forward, spec.forward_rounding)

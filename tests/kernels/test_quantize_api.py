@@ -225,3 +225,97 @@ def test_quantize_foreach_errors_name_the_argument():
         lp.quantize_foreach_([torch.randn(2, 2), a], "bfp(8,dim=1)")
     with pytest.raises(ValueError, match="rounding"):
         lp.quantize_foreach_([a], "bf16", "sideways")
+
+
+# ---- in-place ops under autograd, as torch's own ------------------------------------------
+
+
+def test_in_place_quantization_of_a_saved_tensor_makes_backward_refuse():
+    """The issue's repro: y is saved by y ** 2, then rounded in place; torch's y.mul_ here
+    makes backward raise, and so must we (the version counter is bumped)."""
+    w = torch.tensor([0.3, 0.6], requires_grad=True)
+    y = w * 1.0
+    z = (y**2).sum()
+    lp.quantize_(y, "fixed(4,1)")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    # without grad mode (how the plugin rounds parameters), the same through the operators
+    for write in (
+        lambda t: torch.ops.lowp.quantize_(t, *lp.ops.kernel_args(lp.FixedPoint(4, 1)), 0),
+        lambda t: lp.quantize_foreach_([t], "fixed(4,1)"),
+    ):
+        y = w * 1.0
+        z = (y**2).sum()
+        with torch.no_grad():
+            write(y)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.backward()
+
+
+def test_the_operators_refuse_tensors_that_require_grad_under_grad_mode():
+    y = torch.tensor([0.3, 0.6], requires_grad=True) * 1.0
+    with pytest.raises(RuntimeError, match=r"no derivative.*lightning_lowp\.quantize_"):
+        torch.ops.lowp.quantize_(y, *lp.ops.kernel_args(lp.FixedPoint(4, 1)), 0)
+    with pytest.raises(RuntimeError, match="no derivative"):
+        lp.quantize_foreach_([y], "fixed(4,1)")
+    assert y._version == 0
+
+
+def test_in_place_quantization_is_straight_through_and_refuses_leaves():
+    w = torch.tensor([0.3, 0.6], requires_grad=True)
+    y = w * 2.0
+    lp.quantize_(y, "fixed(4,1)")
+    assert y.tolist() == [0.5, 1.0]
+    (y * torch.tensor([3.0, 5.0])).sum().backward()
+    assert w.grad.tolist() == [6.0, 10.0]  # d(3 q(2w) + 5 q(2w))/dw with dq/dx = 1
+    leaf = torch.tensor([0.3], requires_grad=True)
+    for call in (lambda: lp.quantize_(leaf, "bf16"), lambda: lp.quantize_foreach_([leaf], "bf16")):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            call()
+    with torch.no_grad():  # as torch's own: allowed without grad mode
+        lp.quantize_(leaf, "fixed(4,1)")
+    assert leaf.item() == 0.5
+
+
+def test_in_place_quantization_of_an_inference_tensor_needs_inference_mode():
+    with torch.inference_mode():
+        t = torch.tensor([0.3, 0.6])
+    for call in (lambda: lp.quantize_(t, "fixed(4,1)"), lambda: lp.quantize_foreach_([t], "fixed(4,1)")):
+        with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):
+            call()
+    with torch.inference_mode():
+        lp.quantize_(t, "fixed(4,1)")
+    assert t.tolist() == [0.5, 0.5]
+
+
+# ---- quantize_foreach_: devices and overlapping memory ---------------------------------------
+
+
+def test_quantize_foreach_refuses_tensors_on_several_devices():
+    cpu, meta = torch.full((3,), 0.3), torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on meta"):
+        lp.quantize_foreach_([cpu, meta], "fixed(4,1)")
+    with pytest.raises(ValueError, match="one device"):  # the operator checks it too
+        torch.ops.lowp.quantize_foreach_([cpu, meta], [cpu, meta], *lp.ops.kernel_args(lp.FixedPoint(4, 1)), 0)
+    assert cpu.tolist() == [0.30000001192092896] * 3  # left as it was
+
+
+def test_quantize_foreach_refuses_overlapping_memory():
+    base = torch.arange(8.0) / 7
+    kept = base.clone()
+    overlapping = [
+        ([base[1:5]], [base[0:4]]),  # a tensor and its source overlap, shifted
+        ([base[0:4], base[2:6]], [base[0:4].clone(), base[2:6].clone()]),  # two outputs overlap
+        ([base[0:4], torch.zeros(4)], [base[0:4], base[2:6]]),  # one output is another's source
+        ([base.view(2, 4).t()], [base.view(4, 2)]),  # the same memory in another order
+    ]
+    for tensors, sources in overlapping:
+        with pytest.raises(ValueError, match="share memory"):
+            lp.quantize_foreach_(tensors, "fixed(4,1)", sources=sources)
+    assert torch.equal(base, kept)  # refused before anything was written
+    # allowed: in place (the same view), sources that overlap only each other, disjoint halves
+    lp.quantize_foreach_([base[0:4], base[4:8]], "fixed(4,1)", sources=[base[0:4], base[4:8]])
+    out = torch.empty(2, 4)
+    lp.quantize_foreach_([out[0], out[1]], "fixed(4,1)", sources=[base[0:4], base[1:5]])
+    assert torch.equal(out[0], lp.quantize(kept[0:4], "fixed(4,1)"))
+    assert torch.equal(base[0:4], lp.quantize(kept[0:4], "fixed(4,1)"))

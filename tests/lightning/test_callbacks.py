@@ -172,3 +172,39 @@ def test_recipe_argument_equals_from_name():
     assert lp.QuantizeActivations(recipe="fixed8").settings == lp.QuantizeActivations.from_name("fixed8").settings
     with pytest.raises(ValueError, match="either recipe"):
         lp.QuantizeActivations(forward="bf16", recipe="bfp8")
+
+
+def test_error_only_quantization_is_followed_by_an_in_place_relu():
+    """forward=None gives a tensor the next layer may modify in place (VGG's ReLU(inplace=True))."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    cb = lp.QuantizeActivations(forward=None, backward="fixed(8,2)")
+    cb.attach(net)
+    x = torch.randn(4, 6)
+    out = net(x)
+    out.sum().backward()
+    cb.detach()
+    assert net[0].weight.grad is not None
+    assert net[0].weight.grad.abs().sum() > 0
+    # the ways to ask for error-only quantization all give a tensor that can be written in place
+    from lightning_lowp.compat import qtorch
+
+    for q in (lp.quantizer(forward=None, backward="bf16"), qtorch.quantizer(forward_number=None)):
+        z = q(torch.randn(3, requires_grad=True) * 1.0)
+        z.relu_()
+        z.sum().backward()
+
+
+def test_modules_returning_tuples_have_every_float_output_quantized():
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    attention = nn.MultiheadAttention(6, 2, batch_first=True)
+    model = nn.ModuleDict({"lstm": lstm, "attention": attention})
+    cb = lp.QuantizeActivations(forward="fixed(8,4)", modules=(nn.LSTM, nn.MultiheadAttention))
+    cb.attach(model)
+    x = torch.randn(2, 5, 4) * 3
+    out, (h, c) = lstm(x)
+    attended, weights = attention(out, out, out)
+    cb.detach()
+    assert set(cb.hooked) == {"lstm", "attention"}
+    for name, t in {"output": out, "h_n": h, "c_n": c, "attention": attended, "weights": weights}.items():
+        assert on_grid(t.detach(), "fixed(8,4)"), name
+    assert not on_grid(lstm(x)[0].detach(), "fixed(8,4)")  # the hooks are gone

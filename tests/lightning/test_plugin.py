@@ -290,3 +290,92 @@ def test_a_step_is_one_multi_tensor_call_per_role_and_allocates_nothing(monkeypa
     for p in params:
         assert on_grid(p.detach(), "bfp(8)")
         assert on_grid(plugin._master_weights[p], "bf16")
+
+
+def test_a_plugin_reused_for_a_second_model_keeps_that_models_master_weights(tmp_path):
+    """One LowPrecision fitted on model A, then on model B: B's checkpoint holds B's master
+    weights, and resuming B gives B's weights back, not A's."""
+    data = batches(n=2, shape=(16,))
+    plug = lp.LowPrecision(weight="fixed(8,4)", master_weight="fixed(16,12)")
+    torch.manual_seed(0)
+    a = Module(nn.Sequential(nn.Linear(16, 10)))
+    b = Module(nn.Sequential(nn.Linear(16, 10)))
+    fit(a, data, plugins=[plug])
+    trainer = fit(b, data, plugins=[plug])
+    assert set(plug._master_weights) == set(b.parameters())  # A's are forgotten
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    saved = torch.load(tmp_path / "b.ckpt", weights_only=False)["LowPrecision"]["master_weights"]
+    weight_b, weight_a = dict(b.named_parameters())["net.0.weight"], dict(a.named_parameters())["net.0.weight"]
+    assert torch.equal(saved["net.0.weight"], plug._master_weights[weight_b])
+    assert not torch.equal(saved["net.0.weight"], lp.quantize(weight_a.detach(), "fixed(16,12)"))
+    resumed = Module(nn.Sequential(nn.Linear(16, 10)))
+    fit(resumed, data, plugins=[plug], max_epochs=1, ckpt_path=tmp_path / "b.ckpt")  # nothing left to run
+    assert torch.equal(plug._master_weights[dict(resumed.named_parameters())["net.0.weight"]], saved["net.0.weight"])
+
+
+class Temperature(pl.LightningModule):
+    """A 0-d parameter (a temperature) beside a weight, with any torch optimizer."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.linear = nn.Linear(16, 10)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+        self.make_optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.linear(x) / self.temperature, y)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "moments", "scalars"),
+    [
+        ("asgd", lambda ps: torch.optim.ASGD(ps, lr=0.01), ["ax"], ["eta"]),
+        ("nadam", lambda ps: torch.optim.NAdam(ps, lr=0.01), ["exp_avg", "exp_avg_sq"], ["mu_product"]),
+        (
+            "adam_amsgrad",
+            lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True),
+            ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+            [],
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_only_moment_estimates_are_quantized_and_scalars_are_left_alone(name, make, moments, scalars):
+    torch.manual_seed(0)
+    module = Temperature(make)
+    plugin = lp.LowPrecision(optimizer_state="fixed(8,4)")
+    trainer = fit(module, batches(n=3, shape=(16,)), plugins=[plugin])
+    optimizer = trainer.optimizers[0]
+    for p in (module.linear.weight, module.temperature):  # the 0-d parameter included
+        state = optimizer.state[p]
+        for key in moments:
+            assert on_grid(state[key], "fixed(8,4)"), (name, key)
+        for key in scalars:
+            # ASGD's eta is 0.01 (it would round to 0.0 on the grid); NAdam's mu_product is a
+            # product of momenta near 0.9: neither sits on the fixed(8,4) grid
+            assert not on_grid(state[key], "fixed(8,4)"), (name, key)
+    assert module.temperature.detach() != 1.5  # the temperature still learns (ASGD: eta not rounded to 0)
+
+
+def test_moment_states_of_other_optimizers_are_tensors_shaped_like_a_parameter():
+    from lightning_lowp.plugins import moment_states
+
+    class Custom(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["velocity"] = torch.ones_like(p)
+                    self.state[p]["rate"] = torch.tensor(0.01)
+
+    w, t = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(()))
+    opt = Custom([w, t])
+    opt.step()
+    assert [s.shape for s in moment_states(opt, w)] == [torch.Size([3])]
+    assert moment_states(opt, t) == []  # 0-d states of a 0-d parameter may be rates: left alone
