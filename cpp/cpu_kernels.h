@@ -91,6 +91,10 @@ LOWP_HD float quantize_element(const FormatParams& p, float x, int block_e_q, co
                            rbits);
 }
 
+// (On __restrict__ here and below: `in` and `out` may be one array (in place). Each iteration
+// reads element j and then writes element j, touching no other, so no reordering the
+// restriction allows can change a result; without it, GCC's run-time alias check would send
+// in-place calls to the scalar loop.)
 // Elements [begin, end) with one block's step and range; the loop body is branch-free
 // (rounding.h) and its counter 32-bit, so the compiler vectorises it. Element t's
 // stochastic-rounding counter is t + shift (shift: nonzero for a buffer, see
@@ -306,6 +310,56 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
   }
 }
 
+// Short whole blocks [first, last) with float scales, in a mode other than stochastic (NVFP4's
+// blocks of 16 and the like), a batch of blocks at a time: each block's scale, written out
+// per element, then one vectorised loop over the whole batch. A loop per block would cost a
+// 16-element block more in set-up than in arithmetic.
+template <Rounding R, typename scalar_t>
+void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
+                                  int64_t first, int64_t last, const FormatParams p, uint32_t tensor_max) {
+  // (p by value: a reference could alias the floats written, which keeps the loops scalar)
+  constexpr int64_t kBatch = 2048;  // elements; their scales stay in L1
+  float scale[kBatch], inf_mag[kBatch];
+  const int64_t len = layout.block_len, per_batch = std::max<int64_t>(1, kBatch / len);
+  for (int64_t b0 = first; b0 < last; b0 += per_batch) {
+    const int64_t b1 = std::min(last, b0 + per_batch);
+    bool fast = true;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * len;
+      const BlockState st = block_state<Kind::Scaled>(p, span_max(in, begin, begin + len, begin + len), tensor_max);
+      fast = fast && float_scaled_fast_applies<R>(p, st.scale);
+      std::fill_n(scale + (b - b0) * len, len, st.scale);
+      std::fill_n(inf_mag + (b - b0) * len, len, st.max_mag);
+    }
+    const scalar_t* batch_in = in + b0 * len;
+    scalar_t* batch_out = out + b0 * len;
+    const uint32_t n = static_cast<uint32_t>((b1 - b0) * len);
+    if (fast) {
+      for (uint32_t j = 0; j < n; ++j) {
+        batch_out[j] = static_cast<scalar_t>(
+            quantize_float_scaled_fast<R>(p, static_cast<float>(batch_in[j]), scale[j], inf_mag[j]));
+      }
+    } else {
+      for (uint32_t j = 0; j < n; ++j) {
+        batch_out[j] = static_cast<scalar_t>(
+            quantize_float_scaled<R>(p, static_cast<float>(batch_in[j]), scale[j], inf_mag[j], 0u));
+      }
+    }
+  }
+}
+
+// quantize_short_blocks, or quantize_float_scaled_blocks where it applies.
+template <Kind K, Rounding R, typename scalar_t>
+void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layout, int64_t first, int64_t last,
+                     const FormatParams& p, uint32_t tensor_max, uint64_t key) {
+  if (K == Kind::Scaled && p.scale != ScaleKind::E8m0 && R != Rounding::Stochastic && layout.inner == 1 &&
+      layout.dim_size % layout.block_len == 0 && layout.block_len <= 256) {
+    quantize_float_scaled_blocks<R>(in, out, layout, first, last, p, tensor_max);
+  } else {
+    quantize_short_blocks<K, R>(in, out, layout, first, last, p, tensor_max, key);
+  }
+}
+
 // Runs along a dim that is not the last (layout.inner > 1): each block is a strided column of
 // a [block_len, inner] slab; a task takes the columns [i0, i0 + width) of one slab. Counters
 // are as if the dim had been moved last (BlockLayout::counter_of).
@@ -332,7 +386,7 @@ bool columns_normalize(const FormatParams& p, const BlockState* states, int64_t 
 // The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see columns_normalize):
 // the loop over a row's columns runs with the element's constant step, and vectorises.
 template <Kind KE, Rounding R, bool Fast, typename scalar_t>
-void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams& p,
+void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams p,
                               int64_t o, int64_t d0, int64_t n, int64_t i0, int64_t width, const float* scale,
                               const float* inverse, uint64_t key) {
   const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
@@ -470,7 +524,7 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
             // maximum taken while its elements are in cache.
             const int64_t grain = std::max<int64_t>(1, kGrain / (layout.block_len * layout.inner));
             at::parallel_for(0, layout.num_blocks(), grain, [&](int64_t first, int64_t last) {
-              quantize_short_blocks<K, R>(src, dst, layout, first, last, p, tensor_max, key);
+              quantize_blocks<K, R>(src, dst, layout, first, last, p, tensor_max, key);
             });
           } else {  // blocks spread over many spans: their maxima first, then the rounding
             const std::vector<uint32_t> maxima = block_maxima(src, layout);

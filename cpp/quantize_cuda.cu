@@ -4,10 +4,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "quantize.h"
 
@@ -58,7 +60,7 @@ __device__ __forceinline__ float quantize_element(float x, int64_t i, const Form
 }
 
 template <Kind K, Rounding R, typename scalar_t>
-__global__ void quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+__global__ void quantize_kernel(const scalar_t* in, scalar_t* out, int64_t n,
                                 FormatParams p, uint64_t key, BlockLayout L, const uint32_t* maxima,
                                 bool vectorized) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -86,7 +88,7 @@ __global__ void quantize_kernel(const scalar_t* __restrict__ in, scalar_t* __res
 // block and flushes with atomicMax; for a single block, a warp reduces first. With
 // `whole`, also the whole tensor's, into maxima[num_blocks].
 template <typename scalar_t>
-__global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, BlockLayout L, uint32_t* maxima,
+__global__ void block_max_kernel(const scalar_t* in, int64_t n, BlockLayout L, uint32_t* maxima,
                                  bool whole) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool single = L.num_blocks() == 1;
@@ -114,10 +116,25 @@ __global__ void block_max_kernel(const scalar_t* __restrict__ in, int64_t n, Blo
   }
 }
 
-int grid_size(int64_t work) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+// The multiprocessor count of each device, asked once (two runtime calls per launch otherwise).
+int multiprocessors(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices];
+  if (device >= kMaxDevices) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }
+  int sms = counts[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+int grid_size(int64_t work, int device) {
+  const int sms = multiprocessors(device);
   const int64_t wanted = (work + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sms) * 8)));
 }
@@ -128,6 +145,13 @@ void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p,
                    const BlockLayout& layout) {
   const c10::cuda::CUDAGuard guard(in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = in.get_device();
+  // The key is drawn on the host: a captured graph would replay the same random bits forever.
+  TORCH_CHECK(mode != Rounding::Stochastic ||
+                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "lowp::quantize: stochastic rounding cannot run under CUDA graph capture (torch.cuda.graph, "
+              "torch.compile(mode=\"reduce-overhead\")): every replay would reuse the random bits drawn at capture; "
+              "round stochastically outside the graph, or use a deterministic rounding mode inside it");
   const int64_t n = in.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "lowp_quantize_cuda", [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
@@ -138,7 +162,7 @@ void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p,
       // one more slot for the whole tensor's maximum (NVFP4's tensor scale)
       maxima = at::zeros({layout.num_blocks() + 1}, in.options().dtype(at::kInt));
       uint32_t* ptr = reinterpret_cast<uint32_t*>(maxima.mutable_data_ptr<int>());
-      block_max_kernel<<<grid_size(n), kThreads, 0, stream>>>(src, n, layout, ptr, p.tensor_scale);
+      block_max_kernel<<<grid_size(n, device), kThreads, 0, stream>>>(src, n, layout, ptr, p.tensor_scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       maxima_ptr = ptr;
     }
@@ -148,7 +172,7 @@ void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p,
     dispatch_kind(p.kind, [&](auto kind) {
       dispatch_rounding(mode, [&](auto rounding) {
         quantize_kernel<decltype(kind)::value, decltype(rounding)::value, scalar_t>
-            <<<grid_size(vectorized ? n / kVec : n), kThreads, 0, stream>>>(src, dst, n, p, key, layout, maxima_ptr,
+            <<<grid_size(vectorized ? n / kVec : n, device), kThreads, 0, stream>>>(src, dst, n, p, key, layout, maxima_ptr,
                                                                            vectorized);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -35,6 +35,19 @@ FORMATS = [
     "bfp(5,block_size=32)",
     "bfp(5,dim=0,block_size=7)",
 ]
+SCALED_FORMATS = [
+    "mxfp8_e4m3",
+    "mxfp4",
+    "mxint8",
+    "nvfp4",
+    "fp8_tensorwise",
+    "fp8_rowwise",
+    "fp8_blockwise_1x128",
+    "fp8_blockwise_128x128",
+    "mx(fp6_e3m2,32,dim=0)",
+    "mx(fp4_e2m1,16,dim=0,scale=fp8_e4m3,tensor_scale=true)",
+    "mx(fp8_e5m2,3x5,scale_rounding=rceil)",
+]
 DTYPES = [torch.float16, torch.bfloat16, torch.float64]
 DTYPE_FORMATS = ["fixed(8,4)", "fp8_e4m3", "bfp(6,dim=0)"]
 ROW = 61  # adversarial() rows: 61 values, of which a strided view keeps 60
@@ -70,15 +83,54 @@ def dtype_case(fmt: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
     return x, lp.quantize(x, fmt, "nearest")
 
 
-def unaligned_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Views of a large tensor at element offsets 0, 1 and 3: vector loads only where aligned."""
+def scaled_case(fmt: str, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of many magnitudes with Inf and NaN among them, 300 x 260 (partial blocks and tiles)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 260, generator=g) * torch.exp2(torch.randint(-30, 31, (300, 260), generator=g).float())
+    x.view(-1)[::997] = float("inf")
+    x.view(-1)[3::1009] = float("nan")
+    torch.manual_seed(1)
+    return x, lp.quantize(x, fmt, rounding)
+
+
+def unaligned_case() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A large tensor and the results of its views at element offsets 0, 1 and 3; the GPU test
+    moves the whole tensor and slices it there, so that the views really are unaligned."""
     x = torch.randn(2**24 + 3)
-    return [(x[offset:], lp.quantize(x[offset:], "bf16")) for offset in (0, 1, 3)]
+    return x, [lp.quantize(x[offset:], "bf16") for offset in (0, 1, 3)]
 
 
-def stream_case() -> tuple[torch.Tensor, torch.Tensor]:
+def stream_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, what x becomes on the side stream before it is rounded, and that rounded."""
     x = torch.randn(1 << 20)
-    return x, lp.quantize(x, "fp8_e4m3")
+    later = torch.randn(1 << 20)
+    return x, later, lp.quantize(later, "fp8_e4m3")
+
+
+LAYOUTS = {  # views taken on the device the tensor is on: non-dense ones stay non-dense
+    "transposed": lambda t: t.t(),
+    "strided": lambda t: t[::2, 1::3],
+    "0-d": lambda t: t[3, 5],
+    "empty": lambda t: t[:0],
+}
+
+
+def layout_cases() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """Non-dense, 0-d and empty inputs, element-wise and blocked: (format, layout, base, result)."""
+    base = torch.randn(64, 48)
+    return [
+        (fmt, name, base, lp.quantize(view(base), fmt))
+        for fmt in ("bf16", "bfp(6,dim=0)", "mxfp8_e4m3")
+        for name, view in LAYOUTS.items()
+    ]
+
+
+def foreach_case() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    tensors = [torch.randn(33, 7), torch.randn(5), torch.randn(2, 3, 4)]
+    torch.manual_seed(4)
+    expected = [t.clone() for t in tensors]
+    lp.quantize_foreach_(expected, "fp8_e5m2", "stochastic")
+    return tensors, expected
 
 
 def second_gpu_case() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +161,20 @@ def test_the_gpu_tests_inputs_build_on_the_cpu():
         for dtype in DTYPES:
             x, expected = dtype_case(fmt, dtype)
             assert expected.dtype == x.dtype == dtype
-    for view, expected in unaligned_cases():
-        assert expected.shape == view.shape
-    for x, expected in (stream_case(), second_gpu_case()):
-        assert expected.shape == x.shape
+    for fmt in SCALED_FORMATS:
+        for rounding in lp.ROUNDING_MODES:
+            x, expected = scaled_case(fmt, rounding)
+            assert expected.shape == x.shape
+    x, expected = unaligned_case()
+    assert [e.numel() for e in expected] == [x.numel(), x.numel() - 1, x.numel() - 3]
+    x, later, expected = stream_case()
+    assert expected.shape == x.shape == later.shape
+    for _, name, base, expected in layout_cases():
+        assert expected.shape == LAYOUTS[name](base).shape
+    x, expected = second_gpu_case()
+    assert expected.shape == x.shape
+    tensors, expected = foreach_case()
+    assert [t.shape for t in tensors] == [e.shape for e in expected]
 
 
 # ---- on the GPU ----------------------------------------------------------------------------
@@ -144,21 +206,95 @@ def test_other_dtypes_and_in_place(fmt, dtype):
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("rounding", lp.ROUNDING_MODES)
+@pytest.mark.parametrize("fmt", SCALED_FORMATS)
+def test_scaled_formats_give_the_same_bits(fmt, rounding):
+    x, on_cpu = scaled_case(fmt, rounding)
+    torch.manual_seed(1)
+    assert same_bits(on_cpu, lp.quantize(x.cuda(), fmt, rounding).cpu())
+
+
+@pytest.mark.cuda
+@needs_gpu
 def test_large_and_unaligned_tensors():
-    for view, expected in unaligned_cases():  # vector loads only where aligned; the rest must still be right
-        assert same_bits(expected, lp.quantize(view.cuda(), "bf16").cpu())
+    x, expected = unaligned_case()
+    on_gpu = x.cuda()
+    for offset, e in zip((0, 1, 3), expected, strict=True):
+        view = on_gpu[offset:]  # sliced on the GPU: really unaligned
+        assert view.data_ptr() % 16 == (offset * 4) % 16
+        assert same_bits(e, lp.quantize(view, "bf16").cpu())
 
 
 @pytest.mark.cuda
 @needs_gpu
 def test_runs_on_the_current_stream():
-    x, expected = stream_case()
-    x = x.cuda()
+    """On a side stream, x is overwritten after a delay and then rounded: a kernel launched on
+    any other stream would round the old x."""
+    x, later, expected = stream_case()
+    x, later = x.cuda(), later.cuda()
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # x and later are ready
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)
+        x.copy_(later)
         y = lp.quantize(x, "fp8_e4m3")
-    stream.synchronize()
+    torch.cuda.current_stream().wait_stream(stream)
     assert same_bits(y.cpu(), expected)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_non_dense_zero_dim_and_empty_tensors():
+    for fmt, name, base, expected in layout_cases():
+        view = LAYOUTS[name](base.cuda())
+        got = lp.quantize(view, fmt)
+        assert got.shape == view.shape
+        assert got.stride() == view.stride() or view.numel() <= 1 or not view.is_non_overlapping_and_dense()
+        assert same_bits(got.cpu(), expected), (fmt, name)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_quantize_foreach_on_the_gpu():
+    tensors, expected = foreach_case()
+    on_gpu = [t.cuda() for t in tensors]
+    torch.manual_seed(4)
+    lp.quantize_foreach_(on_gpu, "fp8_e5m2", "stochastic")
+    for g, e in zip(on_gpu, expected, strict=True):
+        assert same_bits(g.cpu(), e)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_of_half_types(dtype):
+    x = (torch.randn(1000, 33) * 3).to(dtype)
+    torch.manual_seed(6)
+    on_cpu = lp.quantize(x, "fp8_e4m3", "stochastic")
+    torch.manual_seed(6)
+    assert same_bits(on_cpu, lp.quantize(x.cuda(), "fp8_e4m3", "stochastic").cpu())
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_torch_compile_on_the_gpu():
+    x = torch.randn(64, 32, device="cuda")
+    compiled = torch.compile(lambda t: lp.quantize(t * 2, "mxfp8_e4m3") + 1, fullgraph=True)
+    assert same_bits(compiled(x).cpu(), (lp.quantize(x.cpu() * 2, "mxfp8_e4m3") + 1))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_stochastic_rounding_is_refused_under_cuda_graph_capture():
+    x = torch.randn(1024, device="cuda")
+    lp.quantize(x, "bf16", "nearest")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="graph capture"), torch.cuda.graph(graph):
+        lp.quantize(x, "bf16", "stochastic")
+    with torch.cuda.graph(graph):  # a deterministic mode captures and replays
+        y = lp.quantize(x, "bf16", "nearest")
+    graph.replay()
+    assert same_bits(y.cpu(), lp.quantize(x.cpu(), "bf16"))
 
 
 @pytest.mark.cuda
