@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -54,6 +54,8 @@ def _map_float_tensors(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) 
 
 
 _OVERRIDE_KEYS = ("forward", "backward", "forward_rounding", "backward_rounding")
+# What QuantizeActivations.from_name accepts besides the recipe's name: the callback's own arguments.
+_FROM_NAME_KEYS = (*_OVERRIDE_KEYS, "modules", "names", "predicate", "overrides", "quantize_eval")
 
 
 class ActivationSettings(NamedTuple):
@@ -81,7 +83,8 @@ class QuantizeActivations(pl.Callback):
     """Quantize the outputs of selected modules (activations) and the gradients into them (errors).
 
     Hooks are attached when fit, validate, test or predict starts and removed when it ends
-    (also after an error). The selection is checked then, before any step runs. Every
+    (also after an error). The selection is checked then, before any step runs: a pattern that
+    matches no module is an error, and a selection of no module at all a ``UserWarning``. Every
     floating-point tensor a hooked module returns is quantized, through tuples, lists and dicts:
     an ``nn.LSTM``'s output and its ``(h_n, c_n)``, an ``nn.MultiheadAttention``'s output and,
     when it returns them, its attention weights.
@@ -102,7 +105,8 @@ class QuantizeActivations(pl.Callback):
         quantize_eval: also quantize during validation, test and predict (the seed's
             low-precision inference); ``False`` quantizes in training only.
         recipe: take forward/backward formats and roundings from a registered recipe
-            (the same as ``from_name``; handy in YAML configs).
+            (the same as ``from_name``; handy in YAML configs); to change one of them, use
+            ``from_name(recipe, backward_rounding=...)``.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[lp.QuantizeActivations.from_name("bfp8")])
@@ -124,7 +128,10 @@ class QuantizeActivations(pl.Callback):
         super().__init__()
         if recipe is not None:
             if (forward, backward, forward_rounding, backward_rounding) != (None, None, "nearest", "nearest"):
-                raise ValueError(f"give either recipe={recipe!r} or forward/backward formats, not both")
+                raise ValueError(
+                    f"give either recipe={recipe!r} or forward/backward formats, not both; use "
+                    f"QuantizeActivations.from_name({recipe!r}, backward_rounding=...) to change a recipe"
+                )
             r = get_recipe(recipe)
             forward, backward = r.activation, r.error
             forward_rounding, backward_rounding = r.activation_rounding, r.error_rounding
@@ -151,17 +158,38 @@ class QuantizeActivations(pl.Callback):
         self.quantize_eval = quantize_eval
         self.enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False  # (also with no module selected, when there are no handles)
         self.hooked: dict[str, ActivationSettings] = {}
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> QuantizeActivations:
         """The activation and error settings of a registered recipe (see ``lp.list_recipes()``).
 
+        As :meth:`LowPrecision.from_name <lightning_lowp.LowPrecision.from_name>`, the recipe's
+        settings can be changed one by one.
+
         Args:
             name: a registered recipe's name.
-            **kwargs: further arguments of :class:`QuantizeActivations` (``modules``, ``names``, ...).
+            **kwargs: arguments of :class:`QuantizeActivations` other than ``recipe``: the
+                recipe's settings to replace (``forward``, ``backward``, ``forward_rounding``,
+                ``backward_rounding``), e.g. ``from_name("bfp8", backward_rounding="stochastic")``,
+                and the selection (``modules``, ``names``, ``predicate``, ``overrides``,
+                ``quantize_eval``).
+
+        Raises:
+            ValueError: for an unknown recipe or argument, naming the accepted ones.
         """
-        return cls(recipe=name, **kwargs)
+        unknown = set(kwargs) - set(_FROM_NAME_KEYS)
+        if unknown:
+            raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_FROM_NAME_KEYS)}")
+        r = get_recipe(name)
+        settings: dict[str, Any] = {
+            "forward": r.activation,
+            "backward": r.error,
+            "forward_rounding": r.activation_rounding,
+            "backward_rounding": r.error_rounding,
+        }
+        return cls(**{**settings, **kwargs})
 
     # ---- selection ------------------------------------------------------------------
 
@@ -193,13 +221,25 @@ class QuantizeActivations(pl.Callback):
 
     def attach(self, model: nn.Module) -> None:
         """Hook the selected modules of ``model`` (nothing happens when already attached)."""
-        if self._handles:
+        if self._attached:
             return
         self.hooked = self.select(model)
+        self._attached = True
         modules = dict(model.named_modules())
         for name, settings in self.hooked.items():
             self._handles.append(modules[name].register_forward_hook(self._hook(settings)))
-        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked) or "none"
+        if not self.hooked:
+            # A warning, not an info line: the run would go on in float32 while looking quantized.
+            types = "every type" if self.module_types is None else ", ".join(t.__name__ for t in self.module_types)
+            rank_zero_warn(
+                f"QuantizeActivations selected no module of {type(model).__name__}, so no activation or error is "
+                f"quantized (modules: {types}; names: {self.names}; predicate: "
+                f"{'given' if self.predicate is not None else 'none'}). Its modules are: "
+                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in model.named_modules() if n) or '(none)'}; "
+                "widen modules= (None: every type), names= or predicate="
+            )
+            return
+        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked)
         rank_zero_info(
             f"QuantizeActivations: forward={self.settings.forward}, backward={self.settings.backward}; "
             f"hooked {len(self.hooked)} modules: {described}"
@@ -210,6 +250,7 @@ class QuantizeActivations(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._attached = False
 
     def _hook(self, settings: ActivationSettings) -> Callable[[nn.Module, Any, Any], Any]:
         def quantize_output(module: nn.Module, args: Any, output: Any) -> Any:

@@ -8,12 +8,17 @@ in-memory tensors, so it works offline and costs no per-item transform:
     >>> dm = MNISTFamily("auto", batch_size=64)            # MNIST if it can be had, else Fashion-MNIST
     >>> pl.Trainer(max_epochs=1).fit(LeNet(), datamodule=dm)  # doctest: +SKIP
 
-Where the files come from, in order: an explicit ``data_dir`` holding the four IDX files
-(also ``<data_dir>/MNIST/raw`` and ``<data_dir>/FashionMNIST/raw``, torchvision's layout);
-for Fashion-MNIST the Debian package's directory (``apt-get install dataset-fashion-mnist``
-puts the files in ``/usr/share/datasets/fashion-mnist``); then a torchvision download (MNIST,
-or Fashion-MNIST when asked for by name) into ``data_dir`` (default ``$LOWP_DATA_DIR``, else
-``~/.cache/lightning_lowp``), which needs network access.
+Where the files come from, in order: the data directory holding the four IDX files (also
+``<dir>/MNIST/raw`` and ``<dir>/FashionMNIST/raw``, torchvision's layout); for Fashion-MNIST
+the Debian package's directory (``apt-get install dataset-fashion-mnist`` puts the files in
+``/usr/share/datasets/fashion-mnist``); then, with ``download=True``, a torchvision download
+(MNIST, or Fashion-MNIST when asked for by name) into the data directory, which needs network
+access. The data directory is ``data_dir``, default ``$LOWP_DATA_DIR``, else
+``~/.cache/lightning_lowp``.
+
+An explicit ``data_dir`` is the only place looked in: a copy elsewhere (Debian's included) is
+never used instead. If it does not hold the files, they are downloaded into it
+(``download=True``), or a ``FileNotFoundError`` names it and the files missing there.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import functools
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
@@ -86,13 +92,21 @@ def read_idx(path: str | Path) -> torch.Tensor:
         as ``torch.uint8``; other types in their native width.
 
     Raises:
-        ValueError: on a bad magic number or a size that does not match the header.
+        ValueError: naming the file, on gzip data that does not decompress (a truncated or
+            corrupt download; the gzip error is chained), a bad magic number or a size that
+            does not match the header.
     """
     path = Path(path)
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        # EOFError: truncated; BadGzipFile (an OSError): bad header or CRC; zlib.error: bad deflate data
+        except (EOFError, OSError, zlib.error) as err:
+            raise ValueError(
+                f"{path} is a corrupt gzip file ({type(err).__name__}: {err}); delete it and download or copy it again"
+            ) from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
@@ -179,15 +193,19 @@ class MNISTFamily(pl.LightningDataModule):
         data_dir: a directory holding the four IDX files (``train-images-idx3-ubyte``,
             ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``,
             each raw or ``.gz``), or torchvision's layout below it (``MNIST/raw``,
-            ``FashionMNIST/raw``); also where MNIST is downloaded to. Default:
-            ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``; it is searched the same way.
+            ``FashionMNIST/raw``); also where a dataset is downloaded to. Given, it is the only
+            place looked in: without the files there (and ``download=False``, or an offline
+            download) it is an error naming it, never a fallback to another copy. Default:
+            ``$LOWP_DATA_DIR``, else ``~/.cache/lightning_lowp``, searched the same way, then
+            for Fashion-MNIST the Debian package's ``/usr/share/datasets/fashion-mnist``.
             Both datasets use the same file names: with ``"auto"`` the files of a bare
             directory are told apart by their mean pixel (MNIST 0.13, Fashion-MNIST 0.29).
         batch_size: as the seed notebook (64).
         num_workers: DataLoader workers (the tensors are in memory: 0 is usually fastest).
         train_limit: use only the first N training examples (quick runs, CI).
         val_limit: use only the first N test examples (quick runs, CI).
-        download: allow torchvision's download (MNIST, or Fashion-MNIST when asked for by name).
+        download: allow torchvision's download (MNIST, or Fashion-MNIST when asked for by name)
+            into the data directory when the files are not on disk.
 
     Attributes:
         dataset_name: after ``prepare_data``/``setup``, which dataset is used
@@ -230,19 +248,26 @@ class MNISTFamily(pl.LightningDataModule):
 
     # ---- finding the files --------------------------------------------------------------
 
-    def _candidates(self, name: str, system: bool = True) -> list[Path]:
+    def _root(self) -> Path:
+        """Where the files are searched first and downloaded to: ``data_dir``, else the default."""
+        return self.data_dir if self.data_dir is not None else _default_root()
+
+    def _candidates(self, name: str) -> list[Path]:
         """Directories that may hold ``name``'s files, in order of preference.
 
-        ``system``: with the Debian package's directory.
+        An explicit ``data_dir`` is the only place looked in (with torchvision's layout below
+        it): the user said where the files are, and another copy found elsewhere would be
+        used without their knowing. Without one, the default root, then for Fashion-MNIST the
+        Debian package's directory.
         """
-        root = self.data_dir if self.data_dir is not None else _default_root()
+        root = self._root()
         dirs = [root, root / DATASETS[name]["folder"] / "raw"]
-        if name == "fashion-mnist" and system:
+        if name == "fashion-mnist" and self.data_dir is None:
             dirs.append(DEBIAN_FASHION_MNIST_DIR)
         return dirs
 
-    def _locate(self, name: str, system: bool = True) -> Path | None:
-        for directory in self._candidates(name, system):
+    def _locate(self, name: str) -> Path | None:
+        for directory in self._candidates(name):
             if not _complete(directory):
                 continue
             # The file names do not say which dataset a bare directory holds: with "auto",
@@ -260,13 +285,14 @@ class MNISTFamily(pl.LightningDataModule):
     def _resolve(self, download: bool) -> tuple[str, Path]:
         """(dataset name, directory of its IDX files).
 
-        Raises ``FileNotFoundError`` saying how to get a dataset if none can be had.
+        Raises ``FileNotFoundError`` saying where it looked and how to get a dataset if none
+        can be had.
         """
         wanted = ["mnist", "fashion-mnist"] if self.dataset == "auto" else [self.dataset]
         errors: list[str] = []
 
         def try_download(name: str = "mnist") -> Path | None:
-            root = self.data_dir if self.data_dir is not None else _default_root()
+            root = self._root()
             try:
                 _download(name, root)
             except Exception as err:  # offline: URLError, RuntimeError, ...
@@ -288,23 +314,46 @@ class MNISTFamily(pl.LightningDataModule):
             if found is not None:
                 return "mnist", found
             if self.data_dir is not None:
-                found = self._locate("fashion-mnist", system=False)
+                found = self._locate("fashion-mnist")
                 if found is not None:
                     return "fashion-mnist", found
             found = try_download() if download else None
             if found is not None:
                 return "mnist", found
-            found = self._locate("fashion-mnist")
+            found = self._locate("fashion-mnist")  # Debian's, without an explicit data_dir
             if found is not None:
                 return "fashion-mnist", found
-        searched = [str(d) for name in wanted for d in self._candidates(name)]
-        raise FileNotFoundError(
-            f"no {' or '.join(wanted)} IDX files found (looked in: {', '.join(dict.fromkeys(searched))})"
-            + (f"; {'; '.join(errors)}" if errors else "")
-            + ". To get a dataset: `apt-get install dataset-fashion-mnist` (Fashion-MNIST, into "
-            f"{DEBIAN_FASHION_MNIST_DIR}), or pass data_dir= a directory holding "
+        raise FileNotFoundError(self._not_found(wanted, errors, download))
+
+    def _not_found(self, wanted: list[str], errors: list[str], download: bool) -> str:
+        """The message of ``_resolve``'s error: where it looked, what failed, what to do."""
+        names = " or ".join(wanted)
+        searched = ", ".join(dict.fromkeys(str(d) for name in wanted for d in self._candidates(name)))
+        files = (
             "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-            "t10k-labels-idx1-ubyte (raw or .gz), or be online for torchvision's download"
+            "t10k-labels-idx1-ubyte (raw or .gz)"
+        )
+        failed = f"; {'; '.join(errors)}" if errors else ""
+        if self.data_dir is not None:
+            root = self.data_dir
+            if not root.is_dir():
+                problem = f"data_dir={str(root)!r} does not exist"
+            else:
+                missing = [n for n in _FILES if _find_file(root, n) is None]
+                problem = f"data_dir={str(root)!r} holds no complete set of {names} IDX files"
+                problem += f" (missing there: {', '.join(missing)})" if missing else ""
+            shown = "Fashion-MNIST" if self.dataset == "fashion-mnist" else "MNIST"
+            how = f"pass download=True to download {shown} into it" if not download else "be online for the download"
+            return (
+                f"MNISTFamily: {problem}; looked in: {searched}{failed}. Put {files} in data_dir "
+                f"(or torchvision's MNIST/raw or FashionMNIST/raw below it), {how}, or leave data_dir unset to "
+                f"use the default directory ({_default_root()}) and, for Fashion-MNIST, the Debian package's "
+                f"{DEBIAN_FASHION_MNIST_DIR} (`apt-get install dataset-fashion-mnist`)."
+            )
+        return (
+            f"MNISTFamily: no {names} IDX files found (looked in: {searched}){failed}. To get a dataset: "
+            f"`apt-get install dataset-fashion-mnist` (Fashion-MNIST, into {DEBIAN_FASHION_MNIST_DIR}), "
+            f"or pass data_dir= a directory holding {files}, or be online for torchvision's download"
             + ("" if download else " (and pass download=True)")
             + "."
         )

@@ -40,6 +40,30 @@ def _kernel_call(fmt: FormatLike, rounding: str) -> tuple[Format, int, list[int]
     return fmt, kind, params, ROUNDING_MODES.index(rounding)
 
 
+def check_dims(fmt: Format, ndim: int, name: str = "x") -> None:
+    """Check that ``fmt`` can quantize a tensor of ``ndim`` dims.
+
+    A block format's ``dim`` must be one the tensor has (``-1`` always is; a 0-d tensor counts
+    as 1-d), and a scaled format's ``(rows, cols)`` tile needs 2 or more dims.
+
+    Args:
+        fmt: a parsed format.
+        ndim: the number of dims of the tensor.
+        name: what the error calls the tensor.
+
+    Raises:
+        ValueError: saying which of the two it is.
+    """
+    if isinstance(fmt, (BlockFloatingPoint, ScaledFormat)) and not (
+        fmt.dim == -1 or -max(ndim, 1) <= fmt.dim < max(ndim, 1)
+    ):
+        raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {ndim} dims")
+    if isinstance(fmt, ScaledFormat) and isinstance(fmt.block, tuple) and ndim < 2:
+        raise ValueError(
+            f"block={fmt.block} of {fmt} is a tile over the last two dims; {name} must have 2 or more dims, got {ndim}"
+        )
+
+
 def _check(
     x: torch.Tensor, fmt: FormatLike, rounding: str, generator: torch.Generator | None
 ) -> tuple[Format, int, list[int], int]:
@@ -50,14 +74,7 @@ def _check(
         as_format(fmt)
         check_rounding(rounding)
         raise
-    if isinstance(fmt, (BlockFloatingPoint, ScaledFormat)) and not (
-        fmt.dim == -1 or -max(x.dim(), 1) <= fmt.dim < max(x.dim(), 1)
-    ):
-        raise ValueError(f"dim={fmt.dim} of {fmt} is out of range for a tensor with {x.dim()} dims")
-    if isinstance(fmt, ScaledFormat) and isinstance(fmt.block, tuple) and x.dim() < 2:
-        raise ValueError(
-            f"block={fmt.block} of {fmt} is a tile over the last two dims; x must have 2 or more dims, got {x.dim()}"
-        )
+    check_dims(fmt, x.dim())
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -6,7 +6,8 @@ Two kinds of measurements, both logged through the Trainer's loggers:
   through the model twice more, once with the :class:`~lightning_lowp.QuantizeActivations`
   callback quantizing and once inside its ``disabled()`` block, and both top-1 accuracies and
   their gap are accumulated in torchmetrics ``Metric`` objects (so they are synchronised
-  across processes under DDP).
+  across processes under DDP). They need a classification model; ``accuracy=False`` turns
+  them off, for any other model.
 * **Per-layer quantization error** (training, every ``every_n_steps`` steps): for each layer
   the ``QuantizeActivations`` callback hooked, the fraction of its output values that
   saturate, the fraction flushed to zero and the signal-to-quantization-noise ratio.
@@ -163,13 +164,20 @@ class _Ratio(Metric):
         return self.numerator.to(torch.get_default_dtype()) / self.denominator
 
 
+# The end of every error that says a model does not meet the accuracy's requirements.
+_NOT_CLASSIFYING = (
+    "the accuracies need a classification model: for any other, pass QuantizationMetrics(accuracy=False) "
+    "to log the per-layer statistics only"
+)
+
+
 def _default_batch_fn(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(
         "QuantizationMetrics expects each evaluation batch to be a pair (inputs, targets), got "
         f"{type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}; "
-        "pass batch_fn=lambda batch: (inputs, targets) for other batch layouts"
+        f"pass batch_fn=lambda batch: (inputs, targets) for other batch layouts ({_NOT_CLASSIFYING})"
     )
 
 
@@ -182,18 +190,19 @@ def _correct(logits: object, targets: object) -> Tensor:
         raise TypeError(
             "QuantizationMetrics needs forward_fn(pl_module, inputs) to return logits of shape (N, C, ...), got "
             f"{type(logits).__name__}{tuple(logits.shape) if isinstance(logits, Tensor) else ''}; "
-            "pass forward_fn=... if the module's forward returns something else"
+            f"pass forward_fn=... if the module's forward returns something else ({_NOT_CLASSIFYING})"
         )
     if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
         raise TypeError(
             "QuantizationMetrics needs targets that are integer class indices, got "
-            f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}; pass batch_fn=... to convert"
+            f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}; pass batch_fn=... to convert "
+            f"({_NOT_CLASSIFYING})"
         )
     predictions = logits.argmax(dim=1)
     if predictions.shape != targets.shape:
         raise ValueError(
             f"QuantizationMetrics: predictions (logits {tuple(logits.shape)} argmax over dim 1) have shape "
-            f"{tuple(predictions.shape)} but targets have shape {tuple(targets.shape)}"
+            f"{tuple(predictions.shape)} but targets have shape {tuple(targets.shape)} ({_NOT_CLASSIFYING})"
         )
     return (predictions == targets.to(predictions.device)).sum()
 
@@ -234,10 +243,16 @@ class QuantizationMetrics(pl.Callback):
     ``LearningRateMonitor``, independently of ``log_every_n_steps``) and appear in
     ``trainer.callback_metrics``; :attr:`last_layer_stats` holds the latest values.
 
-    Requirements: evaluation batches ``(inputs, targets)`` with ``targets`` integer class
-    indices, and ``pl_module(inputs)`` returning logits whose argmax over dim 1 is the
-    prediction (shape ``(N, C)`` or ``(N, C, ...)`` with targets ``(N, ...)``). Otherwise pass
-    ``batch_fn(batch) -> (inputs, targets)`` and/or ``forward_fn(pl_module, inputs) -> logits``.
+    The accuracies need a classification model: evaluation batches ``(inputs, targets)`` with
+    ``targets`` integer class indices, and ``pl_module(inputs)`` returning logits whose argmax
+    over dim 1 is the prediction (shape ``(N, C)`` or ``(N, C, ...)`` with targets
+    ``(N, ...)``). Otherwise pass ``batch_fn(batch) -> (inputs, targets)`` and/or
+    ``forward_fn(pl_module, inputs) -> logits``; for a model that does not classify
+    (regression, ...), ``accuracy=False`` logs the per-layer statistics alone. The requirements
+    are checked on the first evaluation batch the callback sees, a sanity-check batch
+    included: under ``fit`` with Lightning's sanity check (``num_sanity_val_steps``, default 2)
+    a model that does not meet them fails before its first training step, with an error that
+    names ``accuracy=False`` (with ``num_sanity_val_steps=0``, at the first validation batch).
 
     Cost and side effects: each evaluation batch runs two extra forward passes (under
     ``torch.no_grad()``, in the module's current mode, with the CPU and CUDA RNG states
@@ -250,13 +265,20 @@ class QuantizationMetrics(pl.Callback):
     stochastic rounding is measured on the draw training used, and no random numbers are
     consumed). Without a ``QuantizeActivations`` callback in the trainer both accuracies are
     the float model's, the gap is 0 and no per-layer statistics are logged (a warning says
-    so once). Sanity-check validation is skipped.
+    so once). Sanity-check batches are not counted: the first only checks the requirements
+    (one forward pass, RNG state restored).
 
     Args:
         every_n_steps: sample the per-layer statistics every this many optimizer steps (a
             positive int), or ``None`` to log accuracies only.
         batch_fn: ``batch_fn(batch) -> (inputs, targets)``; default: the batch is the pair.
         forward_fn: ``forward_fn(pl_module, inputs) -> logits``; default: ``pl_module(inputs)``.
+        accuracy: log the quantized and float accuracies (a classification model, see above);
+            ``False`` logs the per-layer statistics only and adds no evaluation passes.
+
+    Raises:
+        ValueError: for a bad ``every_n_steps``, or ``accuracy=False`` with ``every_n_steps=None``
+            (nothing to log).
     """
 
     def __init__(
@@ -264,16 +286,25 @@ class QuantizationMetrics(pl.Callback):
         every_n_steps: int | None = 50,
         batch_fn: Callable[[Any], tuple[Any, Tensor]] | None = None,
         forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        accuracy: bool = True,
     ) -> None:
         super().__init__()
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
+        if not isinstance(accuracy, bool):
+            raise ValueError(f"accuracy must be True or False, got {accuracy!r}")
+        if not accuracy and every_n_steps is None:
+            raise ValueError(
+                "accuracy=False with every_n_steps=None leaves nothing to log; give every_n_steps a positive int "
+                "(per-layer statistics) or accuracy=True (quantized vs float accuracy)"
+            )
         for name, fn in (("batch_fn", batch_fn), ("forward_fn", forward_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
         self.every_n_steps = every_n_steps
+        self.accuracy = accuracy
         self.batch_fn = batch_fn or _default_batch_fn
         self.forward_fn = forward_fn or _default_forward_fn
         #: ``{layer: {"saturated": ..., "flushed": ..., "sqnr_db": ...}}`` of the latest sampled step.
@@ -282,6 +313,7 @@ class QuantizationMetrics(pl.Callback):
         self.last_sampled_step: int | None = None
         self._quantizer: QuantizeActivations | None = None
         self._warned = False
+        self._checked_batch = False  # whether an evaluation batch has met the accuracy's requirements
         self._metrics: dict[tuple[str, int], dict[str, _Ratio]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._sums: dict[str, Tensor] = {}
@@ -299,11 +331,16 @@ class QuantizationMetrics(pl.Callback):
                 f"QuantizationMetrics compares against one QuantizeActivations callback; the trainer has {len(found)}"
             )
         self._quantizer = found[0] if found else None
+        self._checked_batch = False  # each run's model is checked anew
         if self._quantizer is None and not self._warned:
             self._warned = True
             rank_zero_warn(
-                "QuantizationMetrics: the trainer has no QuantizeActivations callback, so the quantized and float "
-                "accuracies are the same and no per-layer statistics are logged"
+                "QuantizationMetrics: the trainer has no QuantizeActivations callback, so "
+                + (
+                    "the quantized and float accuracies are the same and no per-layer statistics are logged"
+                    if self.accuracy
+                    else "nothing is logged (accuracy=False, and no per-layer statistics without it)"
+                )
             )
 
     # ---- accuracy: validation and test ----------------------------------------------------------
@@ -335,10 +372,25 @@ class QuantizationMetrics(pl.Callback):
         finally:
             qa.quantize_eval = previous
 
+    def _check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Check that a batch meets the accuracy's requirements (one forward pass, nothing logged).
+
+        Run on a sanity-check batch, so that under ``fit`` a model that does not classify fails
+        before training, not at the first validation, an epoch later.
+        """
+        inputs, targets = self.batch_fn(batch)
+        with torch.no_grad(), _preserved_rng(pl_module.device):
+            _correct(self._logits(pl_module, inputs, quantized=False), targets)
+        self._checked_batch = True
+
     def _evaluation_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int, stage: str
     ) -> None:
+        if not self.accuracy:
+            return
         if trainer.sanity_checking:
+            if not self._checked_batch:
+                self._check_batch(pl_module, batch)
             return
         inputs, targets = self.batch_fn(batch)
         with torch.no_grad(), _preserved_rng(pl_module.device):

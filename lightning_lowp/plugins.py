@@ -14,7 +14,7 @@ from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
 from lightning_lowp.formats import FormatLike
-from lightning_lowp.functional import quantize_foreach_
+from lightning_lowp.functional import check_dims, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
 
 __all__ = ["LowPrecision", "MOMENT_STATES", "moment_states"]
@@ -46,6 +46,14 @@ def moment_states(optimizer: Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
         v for v in state.values() if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0 and v.shape == p.shape
     ]
 
+
+def _trainable(optimizer: Optimizer) -> list[torch.Tensor]:
+    """The parameters of ``optimizer`` the plugin quantizes: those that are not frozen."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+# The roles of the plugin: each quantizes tensors shaped like a parameter.
+_ROLES = ("weight", "grad", "optimizer_state", "master_weight")
 
 # The recipe fields this plugin uses (activations and errors belong to QuantizeActivations).
 _ARGUMENTS = (
@@ -84,6 +92,17 @@ class LowPrecision(Precision):
     recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
     seed and broadcast from rank 0, so every rank rounds alike; its state and the master weights
     are saved in checkpoints, so a resumed run continues bit for bit.
+
+    Parameters with ``requires_grad=False`` are frozen: the plugin leaves them alone in every
+    role (their values, gradients and optimizer state; no master copy is made), also when they
+    are in the optimizer.
+
+    Every role's format must apply to every trainable parameter of the optimizer: a block
+    format's ``dim`` (``bfp(8,dim=1)``, ``mx(fp8_e4m3,32,dim=1)``) must be one the parameter
+    has, and a scaled format's ``(rows, cols)`` tile needs 2 or more dims; so neither applies
+    to a bias. This is checked when training starts (for a parameter the optimizer gains or
+    that is unfrozen later, before its first step), with a ``ValueError`` naming the role and
+    the parameter.
 
     Args:
         weight: the format of the weights the model computes with.
@@ -146,6 +165,7 @@ class LowPrecision(Precision):
         self._seeded = False
         self._module: nn.Module | None = None
         self._master_weights: dict[torch.Tensor, torch.Tensor] = {}
+        self._checked: set[torch.Tensor] = set()  # parameters whose shapes suit every role's format
         self._pending_state: dict[str, Any] | None = None
 
     @classmethod
@@ -188,6 +208,8 @@ class LowPrecision(Precision):
                     "LowPrecision does not support LBFGS: it re-evaluates its closure inside step(), between "
                     "which the plugin could not quantize; use an optimizer that steps once per closure"
                 )
+            # here, when training starts, rather than at the first step, after a whole batch
+            self._check_shapes(_trainable(inner))
         return super().connect(model, optimizers, lr_schedulers)
 
     @override
@@ -202,7 +224,9 @@ class LowPrecision(Precision):
             return super().optimizer_step(optimizer, model, closure, **kwargs)
         self._prepare(model)
         closure_result = self._wrap_closure(model, optimizer, closure)  # forward, backward, clipping
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = _trainable(optimizer)
+        if not self._checked.issuperset(params):  # a parameter added or unfrozen since the start
+            self._check_shapes(params)
         with torch.profiler.record_function("LowPrecision.before_step"):
             self._before_step(params)
         result = optimizer.step(**kwargs)
@@ -265,6 +289,34 @@ class LowPrecision(Precision):
         if module is not self._module:
             self._module = module
             self._master_weights = {}
+            self._checked = set()
+
+    def _check_shapes(self, params: list[torch.Tensor]) -> None:
+        """Check that every role's format applies to each parameter (see the class docstring).
+
+        Raises:
+            ValueError: naming the role, its format, the parameter and its shape.
+        """
+        names: dict[torch.Tensor, str] = {}
+        if self._module is not None:
+            names = {p: n for n, p in self._module.named_parameters()}
+        for role in _ROLES:
+            fmt = getattr(self.recipe, role)
+            if fmt is None:
+                continue
+            for p in params:
+                try:
+                    check_dims(fmt, p.dim(), "the parameter")
+                except ValueError as err:
+                    what = f"parameter {names[p]!r}" if p in names else "a parameter"
+                    raise ValueError(
+                        f"LowPrecision: {role}={fmt} does not apply to {what} of shape {tuple(p.shape)}: {err}. "
+                        f"A role's format must apply to every trainable parameter of the optimizer: give {role} "
+                        "one that does (a block dim of 0 or -1; for a scaled format, blocks of k elements, 'row' "
+                        f"or 'tensor' rather than a (rows, cols) tile), or leave {what} out of the optimizer or "
+                        "freeze it (requires_grad=False), which LowPrecision leaves alone"
+                    ) from err
+        self._checked.update(params)
 
     def _prepare(self, module: pl.LightningModule) -> None:
         self._bind(module)

@@ -463,8 +463,10 @@ class OptimLP(Optimizer):
     lambda) or ``None`` (left as is); a ``Quantizer`` applies its forward rounding.
 
     Beyond QPyTorch: ``step(closure)`` evaluates the closure first (QPyTorch ignores it), a
-    parameter without a gradient or without optimizer state is skipped, and ``state_dict()``
-    holds the wrapped optimizer's state and the accumulators.
+    parameter without a gradient or without optimizer state is skipped, a parameter group added
+    later (``add_param_group``, on this optimizer or the wrapped one) gets its accumulators at
+    its first step, from its weights then, and ``state_dict()`` holds the wrapped optimizer's
+    state and the accumulators.
 
     Args:
         optim: the wrapped ``torch.optim.SGD`` or ``Adam`` (``AdamW`` included).
@@ -528,10 +530,21 @@ class OptimLP(Optimizer):
         self.weight_acc = {}
         if acc_quant is not None:
             for p in self._params():
-                self.weight_acc[p] = p.detach().clone()
+                self._accumulator(p)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _accumulator(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s accumulator, made from its current value the first time it is asked for.
+
+        At construction for the parameters then in the optimizer; lazily for those added later
+        with ``add_param_group`` (on this optimizer or the wrapped one, which share their groups).
+        """
+        acc = self.weight_acc.get(p)
+        if acc is None:
+            acc = self.weight_acc[p] = p.detach().clone()
+        return acc
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -560,7 +573,7 @@ class OptimLP(Optimizer):
                     p.grad.data = self.grad_quant(p.grad.data * self.grad_scaling)
         if self.acc_quant is not None:
             for p in self._params():
-                p.data = self.weight_acc[p].data
+                p.data = self._accumulator(p).data
         inner_loss = self.optim.step()
         loss = inner_loss if loss is None else loss
         if self.acc_quant is not None:
@@ -589,7 +602,7 @@ class OptimLP(Optimizer):
         params = self._params()
         return {
             "optim": self.optim.state_dict(),
-            "weight_acc": [self.weight_acc[p].clone() for p in params] if self.acc_quant is not None else None,
+            "weight_acc": [self._accumulator(p).clone() for p in params] if self.acc_quant is not None else None,
         }
 
     @override

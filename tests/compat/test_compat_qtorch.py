@@ -473,6 +473,33 @@ def test_optimlp_details():
     assert repr(opt).startswith("LP Optimizer: SGD")
 
 
+@pytest.mark.parametrize("on", ["optimlp", "wrapped"])
+def test_optimlp_param_group_added_later_gets_accumulators(on):
+    """A group added after construction (fine-tuning: unfreeze a layer) gets its accumulators at its first step."""
+    w0, v0 = f32([0.3, -1.7, 0.05]), f32([2.2, -0.4])
+    g, h = f32([0.11, -0.37, 0.9]), f32([0.5, -1.3])
+    w, v = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(v0.clone())
+    opt = OptimLP(
+        torch.optim.SGD([w], lr=0.1, momentum=0.9),
+        weight_quant=_nearest(FixedPoint(8, 4)),
+        acc_quant=_nearest(FloatingPoint(8, 7)),
+    )
+    (opt if on == "optimlp" else opt.optim).add_param_group({"params": [v], "lr": 0.2})
+    assert len(opt.param_groups) == len(opt.optim.param_groups) == 2
+    w.grad, v.grad = g.clone(), h.clone()
+    opt.step()
+    acc_v = float_quantize(v0 - 0.2 * h, 8, 7, rounding="nearest")  # the accumulator started as v0
+    assert_bits_equal(opt.weight_acc[v], acc_v)
+    assert_bits_equal(v.detach(), fixed_point_quantize(acc_v, 8, 4, rounding="nearest"))
+    assert_bits_equal(opt.weight_acc[w], float_quantize(w0 - 0.1 * g, 8, 7, rounding="nearest"))
+    # state_dict holds every accumulator, also of a group added since the last step
+    u = torch.nn.Parameter(f32([1.5]))
+    opt.add_param_group({"params": [u]})
+    accs = opt.state_dict()["weight_acc"]
+    assert [tuple(a.shape) for a in accs] == [(3,), (2,), (1,)]
+    assert_bits_equal(accs[2], f32([1.5]))
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 

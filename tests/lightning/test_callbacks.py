@@ -208,3 +208,30 @@ def test_modules_returning_tuples_have_every_float_output_quantized():
     for name, t in {"output": out, "h_n": h, "c_n": c, "attention": attended, "weights": weights}.items():
         assert on_grid(t.detach(), "fixed(8,4)"), name
     assert not on_grid(lstm(x)[0].detach(), "fixed(8,4)")  # the hooks are gone
+
+
+def test_from_name_takes_overrides_of_the_callbacks_own_arguments():
+    """As LowPrecision.from_name: a recipe with one setting changed."""
+    cb = lp.QuantizeActivations.from_name("bfp8", backward_rounding="stochastic")
+    assert cb.settings == (lp.BlockFloatingPoint(8), lp.BlockFloatingPoint(8), "nearest", "stochastic")
+    cb = lp.QuantizeActivations.from_name("fixed8_roles", forward=None, names=["fc*"], quantize_eval=False)
+    assert cb.settings == (None, lp.FixedPoint(8, 12), "nearest", "stochastic")  # the recipe's error settings
+    assert (cb.names, cb.quantize_eval) == (["fc*"], False)
+    assert set(cb.select(TinyNet())) == {"fc1", "fc2"}
+    for bad in ({"activation": "bf16"}, {"recipe": "bf16"}, {"forward_round": "up"}):
+        with pytest.raises(ValueError, match=r"unknown arguments .*; accepted: forward, backward, forward_rounding"):
+            lp.QuantizeActivations.from_name("bfp8", **bad)
+    with pytest.raises(ValueError, match="backward_rounding"):
+        lp.QuantizeActivations.from_name("bfp8", backward_rounding="sideways")
+
+
+def test_a_selection_of_no_module_warns_once_per_run():
+    model = TinyNet()
+    cb = lp.QuantizeActivations(forward="bf16", modules=(nn.LSTM,))
+    with pytest.warns(UserWarning, match="QuantizeActivations selected no module of TinyNet") as record:
+        trainer(cb, val_check_interval=1).fit(model, loader(), loader())  # attach() at fit and each validation
+    messages = [str(w.message) for w in record if "selected no module" in str(w.message)]
+    assert len(messages) == 1
+    assert "modules: LSTM" in messages[0]
+    assert "conv1 (Conv2d)" in messages[0]  # what there is to select
+    assert cb.hooked == {}

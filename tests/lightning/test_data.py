@@ -1,6 +1,9 @@
 """The IDX reader, MNISTFamily's choice of dataset and its errors, and LeNet."""
 
+import gzip
+import re
 import struct
+import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -244,3 +247,52 @@ def test_fashion_mnist_is_downloaded_when_nowhere_on_disk(tmp_path, offline, mon
     assert downloads == ["fashion-mnist"]
     assert dm.dataset_name == "fashion-mnist"
     assert dm.source_dir == tmp_path / "cache" / "FashionMNIST" / "raw"
+
+
+# ---- errors that name the file or the directory ------------------------------------------------
+
+
+def test_a_corrupt_gzip_file_is_an_error_naming_it(tmp_path, offline):
+    good = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28), dtype=np.uint8), compress=True).read_bytes()
+    cases = {
+        "truncated": (good[:30], EOFError),  # an interrupted download
+        "garbled": (good[:10] + b"\xff" * 10 + good[20:], zlib.error),
+        "bad-crc": (good[:-8] + b"\x00" * 8, gzip.BadGzipFile),
+    }
+    for name, (payload, cause) in cases.items():
+        path = tmp_path / f"{name}-idx3-ubyte.gz"
+        path.write_bytes(payload)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + " is a corrupt gzip file") as info:
+            read_idx(path)
+        assert isinstance(info.value.__cause__, cause), name
+    # and when MNISTFamily reads it
+    d = write_dataset(tmp_path / "d", MNIST_LIKE)
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(good[:30])
+    dm = MNISTFamily("mnist", data_dir=d, download=False)
+    with pytest.raises(ValueError, match=re.escape(str(d / "train-labels-idx1-ubyte.gz"))):
+        dm.setup("fit")
+
+
+def test_an_explicit_data_dir_without_the_files_is_an_error_naming_it(tmp_path, offline, monkeypatch):
+    """Never another copy instead (here: Debian's Fashion-MNIST, which data_dir=None would use)."""
+    debian = write_dataset(tmp_path / "debian", FASHION_LIKE)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", debian)
+    missing = tmp_path / "does" / "not" / "exist"
+    for dataset in ("fashion-mnist", "auto"):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"data_dir='{missing}' does not exist")) as info:
+            MNISTFamily(dataset, data_dir=missing, download=False).prepare_data()
+        assert "pass download=True" in str(info.value)
+        assert "leave data_dir unset" in str(info.value)
+    partial = write_dataset(tmp_path / "partial", FASHION_LIKE)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no complete set.*missing there: t10k-labels-idx1-ubyte\)"):
+        MNISTFamily("fashion-mnist", data_dir=partial, download=False).setup("fit")
+    assert offline == []
+    # download=True downloads into it; offline, that is the error (not Debian's copy)
+    with pytest.raises(FileNotFoundError, match=r"downloading Fashion-MNIST into .*Name or service not known"):
+        MNISTFamily("fashion-mnist", data_dir=missing).prepare_data()
+    assert offline == [missing]
+    # without data_dir, Debian's copy is used as before
+    dm = MNISTFamily("fashion-mnist", download=False)
+    dm.prepare_data()
+    assert dm.source_dir == debian

@@ -374,3 +374,55 @@ def test_block_limits_from_block_maxima_match_the_reference_per_element(spec):
     fmt = lp.parse_format(spec)
     expected = block_range(x.abs().double(), fmt)[1].float()
     assert torch.equal(torch.broadcast_to(_block_limit(x, fmt), x.shape), expected)
+
+
+# ---- models that do not classify ----------------------------------------------------------------
+
+
+class Regression(Net):
+    """One output, float targets: no accuracy to speak of."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]).squeeze(1), batch[1])
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", F.mse_loss(self(batch[0]).squeeze(1), batch[1]))
+
+
+def regression_loader(n=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1)), batch_size=8)
+
+
+def test_a_model_that_does_not_classify_fails_before_training_and_accuracy_false_logs_layer_stats():
+    steps = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer = make_trainer(
+        lp.QuantizeActivations(forward=FMT), QuantizationMetrics(), CountSteps(), max_epochs=1, max_steps=-1,
+        num_sanity_val_steps=1,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match=r"integer class indices.*QuantizationMetrics\(accuracy=False\)"):
+        trainer.fit(Regression(), regression_loader(), regression_loader())
+    assert steps == []  # Lightning's sanity check ran a batch; no training epoch was wasted
+
+    cb = QuantizationMetrics(every_n_steps=1, accuracy=False)
+    trainer = make_trainer(lp.QuantizeActivations(forward=FMT), cb, max_steps=2, num_sanity_val_steps=1)
+    model = Regression()
+    trainer.fit(model, regression_loader(), regression_loader())
+    assert {"quant/fc1/sqnr_db", "quant/fc2/sqnr_db"} <= set(trainer.callback_metrics)
+    assert set(cb.last_layer_stats) == {"fc1", "fc2"}
+    trainer.validate(model, regression_loader(), verbose=False)
+    assert set(trainer.callback_metrics) == {"val_loss"}  # no accuracies
+    with pytest.raises(ValueError, match="accuracy=False with every_n_steps=None leaves nothing to log"):
+        QuantizationMetrics(every_n_steps=None, accuracy=False)
+    with pytest.raises(ValueError, match="accuracy must be True or False"):
+        QuantizationMetrics(accuracy="no")

@@ -1,6 +1,7 @@
 """LowPrecision: the seed's OptimLP step for step, any optimizer, checkpoint-resume exactness."""
 
 import copy
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -379,3 +380,73 @@ def test_moment_states_of_other_optimizers_are_tensors_shaped_like_a_parameter()
     opt.step()
     assert [s.shape for s in moment_states(opt, w)] == [torch.Size([3])]
     assert moment_states(opt, t) == []  # 0-d states of a 0-d parameter may be rates: left alone
+
+
+class CountSteps(pl.Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, *args):
+        self.batches += 1
+
+
+@pytest.mark.parametrize("role", ["weight", "grad", "optimizer_state", "master_weight"])
+@pytest.mark.parametrize(
+    ("fmt", "says"),
+    [
+        pytest.param("bfp(8,dim=1)", r"dim=1 of bfp\(8,dim=1\) is out of range", id="bfp-dim1"),
+        pytest.param("mx(fp8_e4m3,32,dim=1)", r"dim=1 of mx\(fp8_e4m3,32,dim=1\) is out of range", id="mx-dim1"),
+        pytest.param("fp8_blockwise_128x128", r"block=\(128, 128\) .* is a tile", id="mx-tile"),
+    ],
+)
+def test_a_format_a_parameter_cannot_take_fails_when_training_starts(role, fmt, says):
+    """bfp(8,dim=1) and tiles do not apply to a bias: said before the first batch, naming it."""
+    count = CountSteps()
+    module = Module(nn.Sequential(nn.Linear(16, 10)))
+    plugin = lp.LowPrecision(**{role: fmt})
+    match = rf"LowPrecision: {role}={re.escape(fmt)} does not apply to parameter 'net.0.bias' of shape \(10,\): {says}"
+    with pytest.raises(ValueError, match=match) as info:
+        fit(module, batches(n=2, shape=(16,)), plugins=[plugin], callbacks=[count])
+    assert "requires_grad=False" in str(info.value)
+    assert count.batches == 0
+
+
+def test_formats_that_apply_to_every_parameter_train_and_later_parameters_are_checked_before_their_step():
+    module = Module(nn.Sequential(nn.Linear(16, 10)))
+    fit(module, batches(n=1, shape=(16,)), plugins=[lp.LowPrecision(weight="bfp(8,dim=0)", grad="mx(fp8_e4m3,4)")])
+    assert on_grid(module.net[0].bias.detach(), "bfp(8,dim=0)")
+
+    # a frozen bias is left alone, so bfp(8,dim=1) applies; unfrozen after a step, it is refused
+    class Unfreeze(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pl_module.net[0].bias.requires_grad_(True)
+
+    module = Module(nn.Sequential(nn.Linear(16, 10)))
+    module.net[0].bias.requires_grad_(False)
+    count = CountSteps()
+    with pytest.raises(ValueError, match=r"does not apply to parameter 'net\.0\.bias'"):
+        fit(module, batches(n=3, shape=(16,)), plugins=[lp.LowPrecision(weight="bfp(8,dim=1)")],
+            callbacks=[count, Unfreeze()])  # fmt: skip
+    assert count.batches == 2  # the second step, the bias's first, was refused
+
+
+def test_frozen_parameters_are_left_alone_in_every_role(tmp_path):
+    torch.manual_seed(0)
+    module = Module(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 10)))
+    frozen = list(module.net[0].parameters())
+    for p in frozen:
+        p.requires_grad_(False)  # but still in the optimizer: configure_optimizers passes self.parameters()
+    before = [p.detach().clone() for p in frozen]
+    plugin = lp.LowPrecision(weight="fixed(4,2)", grad="fixed(8,6)", optimizer_state="bf16", master_weight="bf16")
+    trainer = fit(module, batches(n=2, shape=(16,)), plugins=[plugin])
+    assert len(trainer.optimizers[0].param_groups[0]["params"]) == 4
+    for p, b in zip(frozen, before, strict=True):
+        assert torch.equal(p.detach(), b)  # not quantized to fixed(4,2)
+        assert not on_grid(p.detach(), "fixed(4,2)")
+        assert p not in plugin._master_weights
+    for p in module.net[2].parameters():
+        assert on_grid(p.detach(), "fixed(4,2)")
+        assert p in plugin._master_weights
+    trainer.save_checkpoint(tmp_path / "frozen.ckpt")
+    saved = torch.load(tmp_path / "frozen.ckpt", weights_only=False)["LowPrecision"]["master_weights"]
+    assert set(saved) == {"net.2.weight", "net.2.bias"}
