@@ -20,6 +20,7 @@ from lightning_lowp.formats import (
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
+from lightning_lowp.matmuls import MatmulSettings, QuantizeMatmuls, quantized_linear, quantized_matmul
 from lightning_lowp.metrics import QuantizationMetrics
 from lightning_lowp.plugins import LowPrecision
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
@@ -46,6 +47,10 @@ __all__ = [
     "get_recipe",
     "list_recipes",
     "QuantizeActivations",
+    "MatmulSettings",
+    "QuantizeMatmuls",
+    "quantized_linear",
+    "quantized_matmul",
     "LowPrecision",
     "QuantizationMetrics",
     "LeNet",

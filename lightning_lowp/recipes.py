@@ -2,8 +2,9 @@
 
 A recipe says what each quantity is stored in: weights, gradients, optimizer state
 (momentum, Adam's moments), the fp32 master copies of the weights, activations and errors (the gradients
-flowing back between layers). ``None`` leaves a role in float32. ``LowPrecision.from_name``
-and ``QuantizeActivations.from_name`` take the same names, so one name sets a whole recipe.
+flowing back between layers), and the operands of the matrix multiplies (GEMMs). ``None`` leaves a
+role in float32. ``LowPrecision.from_name``, ``QuantizeActivations.from_name`` and
+``QuantizeMatmuls.from_name`` take the same names, so one name sets a whole recipe.
 
     >>> import lightning_lowp as lp
     >>> lp.list_recipes()[:3]
@@ -22,9 +23,19 @@ from lightning_lowp.formats import Format, FormatLike, as_format, check_rounding
 
 __all__ = ["Recipe", "ROLES", "register_recipe", "get_recipe", "list_recipes"]
 
-#: The roles a recipe gives a format: the first four belong to ``LowPrecision``, the last two
-#: to ``QuantizeActivations``.
-ROLES = ("weight", "grad", "optimizer_state", "master_weight", "activation", "error")
+#: The roles a recipe gives a format: the first four belong to ``LowPrecision``, the next two
+#: to ``QuantizeActivations``, the last three (GEMM operands) to ``QuantizeMatmuls``.
+ROLES = (
+    "weight",
+    "grad",
+    "optimizer_state",
+    "master_weight",
+    "activation",
+    "error",
+    "matmul_input",
+    "matmul_weight",
+    "matmul_grad_output",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,9 @@ class Recipe:
             weight accumulator); ``None`` updates the quantized weights directly.
         activation: module outputs in the forward pass.
         error: gradients flowing back into module outputs.
+        matmul_input: the activation operand of the GEMMs (x in ``x·Wᵀ``), quantized per GEMM.
+        matmul_weight: the weight operand of the GEMMs (W in ``x·Wᵀ``), quantized per GEMM.
+        matmul_grad_output: the output gradient operand of the backward GEMMs.
         weight_rounding: the rounding mode of ``weight``; likewise for every role.
     """
 
@@ -51,12 +65,18 @@ class Recipe:
     master_weight: FormatLike | None = None
     activation: FormatLike | None = None
     error: FormatLike | None = None
+    matmul_input: FormatLike | None = None
+    matmul_weight: FormatLike | None = None
+    matmul_grad_output: FormatLike | None = None
     weight_rounding: str = "nearest"
     grad_rounding: str = "nearest"
     optimizer_state_rounding: str = "nearest"
     master_weight_rounding: str = "nearest"
     activation_rounding: str = "nearest"
     error_rounding: str = "nearest"
+    matmul_input_rounding: str = "nearest"
+    matmul_weight_rounding: str = "nearest"
+    matmul_grad_output_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -91,6 +111,18 @@ def _float_recipe(fmt: str) -> Recipe:
     return Recipe(weight=fmt, grad=fmt, optimizer_state=state or fmt, master_weight=state, activation=fmt, error=fmt)
 
 
+def _matmul_recipe(
+    fmt: str, weight: str | None = None, grad_output: str | None = None, grad_output_rounding: str = "nearest"
+) -> Recipe:
+    """GEMM operands in ``fmt`` (the weight or the output gradient in another format if given)."""
+    return Recipe(
+        matmul_input=fmt,
+        matmul_weight=weight or fmt,
+        matmul_grad_output=grad_output or fmt,
+        matmul_grad_output_rounding=grad_output_rounding,
+    )
+
+
 _RECIPES: dict[str, Recipe] = {
     "fixed8": _seed_recipe(as_format("fixed(8,7)")),
     # 8-bit fixed point that trains: the seed's fixed(8,7) saturates activations at 1 and flushes
@@ -113,6 +145,31 @@ _RECIPES: dict[str, Recipe] = {
     "fp16": _float_recipe("fp16"),
     "fp8_e4m3": _float_recipe("fp8_e4m3"),
     "fp8_e5m2": _float_recipe("fp8_e5m2"),
+    # ---- GEMM operands only (QuantizeMatmuls); weights, optimizer state and master weights
+    # stay in float32, as in the training recipes they come from, which keep high-precision
+    # weights and quantize each operand for each GEMM.
+    # torchao's MXFP8 training (MXLinear, recipe "mxfp8_rceil"): E4M3 for every operand, blocks
+    # of 32 along the GEMM's reduction axis, E8M0 scales chosen by RCEIL.
+    "mxfp8": _matmul_recipe("mx(fp8_e4m3,32,scale_rounding=rceil)"),
+    # OCP MXFP4: E2M1 in blocks of 32, E8M0 scales chosen by OCP MX v1.0's floor.
+    "mxfp4": _matmul_recipe("mxfp4"),
+    # NVIDIA's NVFP4 pretraining recipe (arXiv:2509.25149): E2M1 elements, E4M3 scales per 1x16
+    # block under a float32 tensor scale; 16x16 2D blocks for weights, so that W and Wᵀ are
+    # the same values in the forward and the backward GEMMs; stochastic rounding of gradients.
+    # Not implemented yet: the random Hadamard transform of the wgrad operands.
+    "nvfp4": _matmul_recipe(
+        "nvfp4", weight="mx(fp4_e2m1,16x16,scale=fp8_e4m3,tensor_scale=true)", grad_output_rounding="stochastic"
+    ),
+    # torchao's float8 training, "tensorwise": a float32 scale per tensor, E4M3 for the forward
+    # operands, E5M2 for the output gradient.
+    "fp8_tensorwise": _matmul_recipe("fp8_tensorwise", grad_output="mx(fp8_e5m2,tensor,scale=fp32)"),
+    # torchao's float8 training, "rowwise": E4M3, one power-of-two scale per row along the
+    # reduction axis (the fp8_rowwise preset).
+    "fp8_rowwise": _matmul_recipe("fp8_rowwise"),
+    # DeepSeek-V3 (arXiv:2412.19437): E4M3 everywhere, float32 scales per 1x128 run of
+    # activations and gradients (along each GEMM's reduction axis: 1x128 forward, 128x1 in
+    # wgrad) and per 128x128 tile of weights.
+    "fp8_blockwise": _matmul_recipe("fp8_blockwise_1x128", weight="fp8_blockwise_128x128"),
 }
 
 
