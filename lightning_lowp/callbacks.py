@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_lowp.autograd import QuantizeFunction, resolve_formats
 from lightning_lowp.formats import Format, FormatLike
 from lightning_lowp.recipes import get_recipe
+from lightning_lowp.selection import ModuleHookCallback
 
 __all__ = ["QuantizeActivations", "ActivationSettings", "DEFAULT_MODULES"]
 
@@ -79,7 +76,7 @@ class ActivationSettings(NamedTuple):
         return cls(fwd, bwd, forward_rounding, backward_rounding)
 
 
-class QuantizeActivations(pl.Callback):
+class QuantizeActivations(ModuleHookCallback[ActivationSettings]):
     """Quantize the outputs of selected modules (activations) and the gradients into them (errors).
 
     Hooks are attached when fit, validate, test or predict starts and removed when it ends
@@ -112,6 +109,8 @@ class QuantizeActivations(pl.Callback):
         >>> trainer = L.Trainer(callbacks=[lp.QuantizeActivations.from_name("bfp8")])
     """
 
+    quantized_what = "activation or error"
+
     def __init__(
         self,
         forward: FormatLike | None = None,
@@ -136,17 +135,8 @@ class QuantizeActivations(pl.Callback):
             forward, backward = r.activation, r.error
             forward_rounding, backward_rounding = r.activation_rounding, r.error_rounding
         self.settings = ActivationSettings.resolve(forward, backward, forward_rounding, backward_rounding)
-        if modules is not None:
-            modules = tuple(modules)
-            bad = [m for m in modules if not (isinstance(m, type) and issubclass(m, nn.Module))]
-            if bad:
-                raise TypeError(f"modules must be nn.Module subclasses, got {bad}")
-        if isinstance(names, str):
-            names = [names]
-        self.module_types = modules
-        self.names = list(names) if names is not None else None
-        self.predicate = predicate
-        self.overrides: dict[str, ActivationSettings] = {}
+        self._init_selection(modules, names, predicate, quantize_eval)
+        self.overrides = {}
         for pattern, settings in (overrides or {}).items():
             unknown = set(settings) - set(_OVERRIDE_KEYS)
             if unknown:
@@ -155,11 +145,6 @@ class QuantizeActivations(pl.Callback):
                 )
             merged = {**self.settings._asdict(), **settings}
             self.overrides[pattern] = ActivationSettings.resolve(**merged)
-        self.quantize_eval = quantize_eval
-        self.enabled = True
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._attached = False  # (also with no module selected, when there are no handles)
-        self.hooked: dict[str, ActivationSettings] = {}
 
     @classmethod
     def from_name(cls, name: str, **kwargs: Any) -> QuantizeActivations:
@@ -191,104 +176,22 @@ class QuantizeActivations(pl.Callback):
         }
         return cls(**{**settings, **kwargs})
 
-    # ---- selection ------------------------------------------------------------------
+    # ---- hooks ----------------------------------------------------------------------
 
-    def select(self, model: nn.Module) -> dict[str, ActivationSettings]:
-        """The modules this callback hooks in ``model``, by name, with their settings."""
-        named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
-        for pattern in (self.names or []) + list(self.overrides):
-            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                raise ValueError(
-                    f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
-                    f"its modules are: {', '.join(n for n, _ in named) or '(none)'}"
-                )
-        selected: dict[str, ActivationSettings] = {}
-        for name, module in named:
-            if self.module_types is not None and not isinstance(module, self.module_types):
-                continue
-            if self.names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
-                continue
-            if self.predicate is not None and not self.predicate(name, module):
-                continue
-            settings = self.settings
-            for pattern, per_module in self.overrides.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    settings = per_module
-            selected[name] = settings
-        return selected
+    @override
+    def _describe(self) -> str:
+        return f"forward={self.settings.forward}, backward={self.settings.backward}"
 
-    # ---- attaching and removing hooks -----------------------------------------------
-
-    def attach(self, model: nn.Module) -> None:
-        """Hook the selected modules of ``model`` (nothing happens when already attached)."""
-        if self._attached:
-            return
-        self.hooked = self.select(model)
-        self._attached = True
-        modules = dict(model.named_modules())
-        for name, settings in self.hooked.items():
-            self._handles.append(modules[name].register_forward_hook(self._hook(settings)))
-        if not self.hooked:
-            # A warning, not an info line: the run would go on in float32 while looking quantized.
-            types = "every type" if self.module_types is None else ", ".join(t.__name__ for t in self.module_types)
-            rank_zero_warn(
-                f"QuantizeActivations selected no module of {type(model).__name__}, so no activation or error is "
-                f"quantized (modules: {types}; names: {self.names}; predicate: "
-                f"{'given' if self.predicate is not None else 'none'}). Its modules are: "
-                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in model.named_modules() if n) or '(none)'}; "
-                "widen modules= (None: every type), names= or predicate="
-            )
-            return
-        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked)
-        rank_zero_info(
-            f"QuantizeActivations: forward={self.settings.forward}, backward={self.settings.backward}; "
-            f"hooked {len(self.hooked)} modules: {described}"
-        )
-
-    def detach(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._attached = False
+    @override
+    def _hook_module(
+        self, name: str, module: nn.Module, settings: ActivationSettings
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        return [module.register_forward_hook(self._hook(settings))]
 
     def _hook(self, settings: ActivationSettings) -> Callable[[nn.Module, Any, Any], Any]:
         def quantize_output(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.enabled or (not module.training and not self.quantize_eval):
+            if not self._active(module):
                 return output
             return _map_float_tensors(output, lambda t: QuantizeFunction.apply(t, *settings, None))
 
         return quantize_output
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Within this block the hooks pass values through unchanged."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.detach()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.detach()

@@ -22,18 +22,14 @@ both uses of an operand see the same tiles (NVFP4's 16x16 weight blocks).
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
@@ -41,6 +37,7 @@ from typing_extensions import override
 from lightning_lowp.formats import BlockFloatingPoint, Format, FormatLike, ScaledFormat, as_format, check_rounding
 from lightning_lowp.functional import quantize
 from lightning_lowp.recipes import get_recipe
+from lightning_lowp.selection import ModuleHookCallback
 
 __all__ = [
     "MatmulSettings",
@@ -321,7 +318,7 @@ class _MatmulMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class QuantizeMatmuls(pl.Callback):
+class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
     """Quantize the operands of the matrix multiplies inside selected modules.
 
     Every ``F.linear`` run in a selected module's forward (that of ``nn.Linear``, and of any
@@ -361,6 +358,10 @@ class QuantizeMatmuls(pl.Callback):
         >>> trainer = L.Trainer(callbacks=[lp.QuantizeMatmuls.from_name("mxfp8")])
     """
 
+    quantized_what = "GEMM operand"
+    # an override for a module that is not selected (a head that is not nn.Linear) would do nothing
+    overrides_match_selected = True
+
     def __init__(
         self,
         input: FormatLike | None = None,
@@ -395,19 +396,10 @@ class QuantizeMatmuls(pl.Callback):
                 )
             given = _recipe_settings(recipe)
         self.settings = MatmulSettings(**given)
-        if modules is not None:
-            modules = tuple(modules)
-            bad = [m for m in modules if not (isinstance(m, type) and issubclass(m, nn.Module))]
-            if bad:
-                raise TypeError(f"modules must be nn.Module subclasses, got {bad}")
-        if isinstance(names, str):
-            names = [names]
         if not isinstance(attention, bool):
             raise ValueError(f"attention must be True or False, got {attention!r}")
-        self.module_types = modules
-        self.names = list(names) if names is not None else None
-        self.predicate = predicate
-        self.overrides: dict[str, MatmulSettings] = {}
+        self._init_selection(modules, names, predicate, quantize_eval)
+        self.overrides = {}
         base = {k: getattr(self.settings, k) for k in _SETTING_KEYS}
         for pattern, per_module in (overrides or {}).items():
             unknown = set(per_module) - set(_SETTING_KEYS)
@@ -417,13 +409,8 @@ class QuantizeMatmuls(pl.Callback):
                 )
             self.overrides[pattern] = MatmulSettings(**{**base, **per_module})
         self.attention = attention
-        self.quantize_eval = quantize_eval
-        self.enabled = True
-        self.hooked: dict[str, MatmulSettings] = {}
         #: How many GEMMs were quantized, by (module name, ``"linear"`` or ``"matmul"``).
         self.counts: Counter[tuple[str, str]] = Counter()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._attached = False
         self._stack: list[tuple[str, MatmulSettings | None]] = []  # the selected modules now running
         self._mode: _MatmulMode | None = None
 
@@ -446,71 +433,25 @@ class QuantizeMatmuls(pl.Callback):
             raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_FROM_NAME_KEYS)}")
         return cls(**{**_recipe_settings(name, kwargs), **kwargs})
 
-    # ---- selection ------------------------------------------------------------------
+    # ---- hooks ----------------------------------------------------------------------
 
-    def select(self, model: nn.Module) -> dict[str, MatmulSettings]:
-        """The modules whose GEMMs this callback quantizes in ``model``, by name, with their settings."""
-        named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
-        for pattern in self.names or []:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                raise ValueError(
-                    f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
-                    f"its modules are: {', '.join(n for n, _ in named) or '(none)'}"
-                )
-        selected: dict[str, MatmulSettings] = {}
-        for name, module in named:
-            if self.module_types is not None and not isinstance(module, self.module_types):
-                continue
-            if self.names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
-                continue
-            if self.predicate is not None and not self.predicate(name, module):
-                continue
-            settings = self.settings
-            for pattern, per_module in self.overrides.items():
-                if fnmatch.fnmatchcase(name, pattern):
-                    settings = per_module
-            selected[name] = settings
-        for pattern in self.overrides:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in selected):
-                raise ValueError(
-                    f"overrides pattern {pattern!r} matches no selected module of {type(model).__name__}; "
-                    f"selected: {', '.join(selected) or '(none)'}"
-                )
-        return selected
+    @override
+    def _describe(self) -> str:
+        return f"{self.settings}, attention={self.attention}"
 
-    # ---- attaching and removing hooks -----------------------------------------------
+    @override
+    def _hook_module(
+        self, name: str, module: nn.Module, settings: MatmulSettings
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        return [
+            module.register_forward_pre_hook(self._enter(name, settings)),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
 
-    def attach(self, model: nn.Module) -> None:
-        """Hook the selected modules of ``model`` (nothing happens when already attached)."""
-        if self._attached:
-            return
-        self.hooked = self.select(model)
-        self._attached = True
-        modules = dict(model.named_modules())
-        for name, settings in self.hooked.items():
-            module = modules[name]
-            self._handles.append(module.register_forward_pre_hook(self._enter(name, settings)))
-            self._handles.append(module.register_forward_hook(self._exit, always_call=True))
-        if not self.hooked:
-            types = "every type" if self.module_types is None else ", ".join(t.__name__ for t in self.module_types)
-            rank_zero_warn(
-                f"QuantizeMatmuls selected no module of {type(model).__name__}, so no GEMM operand is quantized "
-                f"(modules: {types}; names: {self.names}; predicate: "
-                f"{'given' if self.predicate is not None else 'none'}). Its modules are: "
-                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in model.named_modules() if n) or '(none)'}"
-            )
-            return
-        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked)
-        rank_zero_info(
-            f"QuantizeMatmuls: {self.settings}, attention={self.attention}; {len(self.hooked)} modules: {described}"
-        )
-
+    @override
     def detach(self) -> None:
         """Remove the hooks (and leave the interception, should a forward have stopped half way)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._attached = False
+        super().detach()
         self._stack.clear()
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
@@ -518,7 +459,7 @@ class QuantizeMatmuls(pl.Callback):
 
     def _enter(self, name: str, settings: MatmulSettings) -> Callable[[nn.Module, Any], None]:
         def push(module: nn.Module, args: Any) -> None:
-            active = self.enabled and (module.training or self.quantize_eval)
+            active = self._active(module)
             if not self._stack:
                 self._mode = _MatmulMode(self)
                 self._mode.__enter__()
@@ -533,39 +474,6 @@ class QuantizeMatmuls(pl.Callback):
             if not self._stack and self._mode is not None:
                 self._mode.__exit__(None, None, None)
                 self._mode = None
-
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Within this block the selected modules compute in float32."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(pl_module)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.detach()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.detach()
 
 
 def _recipe_settings(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:

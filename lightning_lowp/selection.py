@@ -1,0 +1,175 @@
+"""What the callbacks that hook selected modules share: the selection and the hooks' lifecycle.
+
+:class:`~lightning_lowp.QuantizeActivations` and :class:`~lightning_lowp.QuantizeMatmuls` pick
+modules the same way (types, fnmatch name patterns, a predicate, per-module overrides), attach
+their hooks when fit, validate, test or predict starts and remove them when it ends (also after
+an exception). Each subclass says what it hooks into a module (:meth:`_hook_module`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import ClassVar, Generic, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+__all__ = ["ModuleHookCallback"]
+
+S = TypeVar("S")
+
+
+class ModuleHookCallback(pl.Callback, Generic[S]):
+    """A callback that hooks the modules it selects, with settings of type ``S`` per module.
+
+    Subclasses set ``settings`` and ``overrides`` (pattern -> settings), call
+    :meth:`_init_selection`, and implement :meth:`_hook_module`.
+    """
+
+    #: What the warning about an empty selection says is not quantized.
+    quantized_what: ClassVar[str] = "value"
+    #: Whether each overrides pattern must match a selected module (else: any module).
+    overrides_match_selected: ClassVar[bool] = False
+
+    settings: S
+    overrides: dict[str, S]
+
+    def _init_selection(
+        self,
+        modules: Sequence[type[nn.Module]] | None,
+        names: Sequence[str] | str | None,
+        predicate: Callable[[str, nn.Module], bool] | None,
+        quantize_eval: bool,
+    ) -> None:
+        if modules is not None:
+            modules = tuple(modules)
+            bad = [m for m in modules if not (isinstance(m, type) and issubclass(m, nn.Module))]
+            if bad:
+                raise TypeError(f"modules must be nn.Module subclasses, got {bad}")
+        if isinstance(names, str):
+            names = [names]
+        self.module_types = modules
+        self.names = list(names) if names is not None else None
+        self.predicate = predicate
+        self.quantize_eval = quantize_eval
+        self.enabled = True
+        self.hooked: dict[str, S] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False  # (also with no module selected, when there are no handles)
+
+    # ---- selection ------------------------------------------------------------------
+
+    def select(self, model: nn.Module) -> dict[str, S]:
+        """The modules this callback hooks in ``model``, by name, with their settings."""
+        named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
+        patterns = (self.names or []) + ([] if self.overrides_match_selected else list(self.overrides))
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+                raise ValueError(
+                    f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
+                    f"its modules are: {', '.join(n for n, _ in named) or '(none)'}"
+                )
+        selected: dict[str, S] = {}
+        for name, module in named:
+            if self.module_types is not None and not isinstance(module, self.module_types):
+                continue
+            if self.names is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
+                continue
+            if self.predicate is not None and not self.predicate(name, module):
+                continue
+            settings = self.settings
+            for pattern, per_module in self.overrides.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    settings = per_module
+            selected[name] = settings
+        if self.overrides_match_selected:
+            for pattern in self.overrides:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in selected):
+                    raise ValueError(
+                        f"overrides pattern {pattern!r} matches no selected module of {type(model).__name__}; "
+                        f"selected: {', '.join(selected) or '(none)'}"
+                    )
+        return selected
+
+    # ---- attaching and removing hooks -----------------------------------------------
+
+    def _hook_module(self, name: str, module: nn.Module, settings: S) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hook one selected module; returns the handles that remove the hooks."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        """The settings, for the log line that lists the hooked modules."""
+        return str(self.settings)
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the selected modules of ``model`` (nothing happens when already attached)."""
+        if self._attached:
+            return
+        self.hooked = self.select(model)
+        self._attached = True
+        modules = dict(model.named_modules())
+        for name, settings in self.hooked.items():
+            self._handles.extend(self._hook_module(name, modules[name], settings))
+        kind = type(self).__name__
+        if not self.hooked:
+            # A warning, not an info line: the run would go on in float32 while looking quantized.
+            types = "every type" if self.module_types is None else ", ".join(t.__name__ for t in self.module_types)
+            rank_zero_warn(
+                f"{kind} selected no module of {type(model).__name__}, so no {self.quantized_what} is quantized "
+                f"(modules: {types}; names: {self.names}; predicate: "
+                f"{'given' if self.predicate is not None else 'none'}). Its modules are: "
+                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in model.named_modules() if n) or '(none)'}; "
+                "widen modules= (None: every type), names= or predicate="
+            )
+            return
+        described = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in self.hooked)
+        rank_zero_info(f"{kind}: {self._describe()}; hooked {len(self.hooked)} modules: {described}")
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._attached = False
+
+    def _active(self, module: nn.Module) -> bool:
+        """Whether a hooked module quantizes now: enabled, and training or ``quantize_eval``."""
+        return self.enabled and (module.training or self.quantize_eval)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within this block the hooked modules compute as if unhooked."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.detach()
