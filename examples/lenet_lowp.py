@@ -1,6 +1,7 @@
 """The seed notebook's workflow with lightning_lowp: LeNet on MNIST or Fashion-MNIST trained in
-float, in 8-bit fixed point and block floating point, and across block-floating-point word
-lengths 1..8, with a plot of accuracy against word length.
+float, in 8-bit fixed point and block floating point (and with today's GEMM recipes mxfp8 and
+nvfp4), and across block-floating-point word lengths 1..8, with a plot of accuracy against
+word length.
 
     python examples/lenet_lowp.py                        # quick defaults (see --help)
     python examples/lenet_lowp.py --epochs 10 --train-limit 0    # the seed's full setting
@@ -22,11 +23,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 import lightning_lowp as lp
 
 SECTIONS = ("float", "recipes", "sweep")
-RECIPES = ("fixed8", "bfp8", "fixed8_roles")
+RECIPES = ("fixed8", "bfp8", "fixed8_roles", "mxfp8", "nvfp4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=SECTIONS,
         default=list(SECTIONS),
-        help="float: the baseline; recipes: fixed8, bfp8, fixed8_roles; sweep: bfp wl 1..8",
+        help="float: the baseline; recipes: fixed8, bfp8, fixed8_roles, mxfp8, nvfp4; sweep: bfp wl 1..8",
     )
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="recipes of the 'recipes' section")
     p.add_argument("--wl", nargs="+", type=int, default=list(range(1, 9)), help="word lengths of the sweep")
@@ -77,8 +79,10 @@ def run(name: str, recipe: str | None, datamodule, args, output_dir: Path) -> di
     pl.seed_everything(args.seed, verbose=False)
     plugins, callbacks = [], []
     if recipe is not None:
-        plugins.append(lp.LowPrecision.from_name(recipe))
-        callbacks += [lp.QuantizeActivations.from_name(recipe), lp.QuantizationMetrics(every_n_steps=50)]
+        # the recipe's plugin and callbacks; GEMM recipes (mxfp8, nvfp4) quantize the convs too
+        gemm = lp.get_recipe(recipe).matmul_input is not None
+        plugins, callbacks = lp.from_recipe(recipe, matmuls={"modules": (nn.Linear, nn.Conv2d)} if gemm else None)
+        callbacks.append(lp.QuantizationMetrics(every_n_steps=50))
     limits = {}
     if args.limit_batches:
         limits = {
@@ -112,7 +116,7 @@ def run(name: str, recipe: str | None, datamodule, args, output_dir: Path) -> di
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.global_step,
     }
-    if "test/acc_float" in metrics:  # the same weights with float activations
+    if "test/acc_float" in metrics:  # the same weights with float activations and GEMMs
         row["test_acc_float_activations"] = round(100 * metrics["test/acc_float"], 2)
     print(f"==> {name}: test accuracy {row['test_acc']:.2f}% ({row['train_seconds']}s training)", flush=True)
     return row
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         plot(sweep, baseline, output_dir / "sweep.png", dm.dataset_name)
 
     print(f"\n{dm.dataset_name}, {args.epochs} epoch(s), train images: {args.train_limit or 'all'}\n")
-    print("| run | recipe | test acc (%) | with float activations (%) | train time (s) |")
+    print("| run | recipe | test acc (%) | with float activations / GEMMs (%) | train time (s) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
         print(

@@ -6,6 +6,7 @@ See README.md and docs/.
 """
 
 from lightning_lowp.autograd import Quantizer, quantizer
+from lightning_lowp.bundle import from_recipe
 from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.data import LeNet, MNISTFamily
 from lightning_lowp.formats import (
@@ -20,10 +21,18 @@ from lightning_lowp.formats import (
     parse_format,
 )
 from lightning_lowp.functional import quantize, quantize_, quantize_foreach_
-from lightning_lowp.matmuls import MatmulSettings, QuantizeMatmuls, quantized_linear, quantized_matmul
+from lightning_lowp.matmuls import (
+    MatmulSettings,
+    QuantizeMatmuls,
+    quantized_conv,
+    quantized_linear,
+    quantized_matmul,
+    random_hadamard,
+)
 from lightning_lowp.metrics import QuantizationMetrics
 from lightning_lowp.plugins import LowPrecision
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
+from lightning_lowp.vit import ViT
 
 __version__ = "0.1.0"
 
@@ -46,13 +55,17 @@ __all__ = [
     "register_recipe",
     "get_recipe",
     "list_recipes",
+    "from_recipe",
     "QuantizeActivations",
     "MatmulSettings",
     "QuantizeMatmuls",
     "quantized_linear",
     "quantized_matmul",
+    "quantized_conv",
+    "random_hadamard",
     "LowPrecision",
     "QuantizationMetrics",
     "LeNet",
     "MNISTFamily",
+    "ViT",
 ]

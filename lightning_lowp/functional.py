@@ -69,7 +69,9 @@ def _check(
 ) -> tuple[Format, int, list[int], int]:
     _check_tensor(x)
     try:
-        fmt, kind, params, mode = _kernel_call(fmt, rounding)  # the format, parsed
+        # (torch.compile traces the function itself: a cache is only for eager calls)
+        call = _kernel_call.__wrapped__ if torch.compiler.is_compiling() else _kernel_call
+        fmt, kind, params, mode = call(fmt, rounding)  # the format, parsed
     except TypeError:  # unhashable: let as_format / check_rounding say what is wrong
         as_format(fmt)
         check_rounding(rounding)

@@ -13,6 +13,26 @@ Leading batch dims of x are flattened into M. For ``torch.matmul(a, b)`` (``a @ 
 ``weight`` role: fprop ``q_in(a along K) · q_w(b along K)``, ``da = q_go(dy along N) ·
 q_w(b along N)ᵀ``, ``db = q_in(a along M)ᵀ · q_go(dy along M)``; batch dims stay batch dims.
 
+A convolution is the implicit GEMM it runs: for each kernel offset, x as a (batch × C_in) matrix
+per pixel, W as (C_out × C_in) and dy as (batch × C_out) per pixel, the reduction axis K laid
+out as (kh, kw, C_in) with the channels innermost, and M as (H_out, W_out, batch) with the
+batch innermost. A block never spans two kernel offsets or two pixels (K and M are padded per
+offset and per pixel, as hardware implicit GEMMs pad channels), so every block of every operand
+is a run of an NCHW tensor along one dim: fprop ``q_in(x along C_in) ⊛ q_w(W along C_in)``;
+dgrad ``q_go(dy along C_out)``, ``q_w(W along C_out)``; wgrad ``q_go(dy along batch)``,
+``q_in(x along batch)`` (as microxcaling's ``mx/convolution.py`` blocks them). A ``"row"`` block
+is one pixel's (or one kernel offset's) run, a ``(rows, cols)`` tile covers those two axes
+(batch × channels, or C_out × C_in) at one pixel or offset, and one scale per tensor covers the
+whole tensor.
+
+An operand's second use (W in dgrad, x and dy in wgrad) may take a format of its own
+(``weight_for_dgrad``, ``input_for_wgrad``, ``grad_output_for_wgrad``, as torchao's
+``cast_config_*_for_grad_*``). With ``wgrad_hadamard`` both wgrad operands are multiplied, 16
+rows of M at a time, by the same random orthogonal 16×16 matrix ``H·diag(s)/4`` (H the Sylvester
+Hadamard matrix, s a seeded random sign vector), as in the NVFP4 pretraining recipe: the
+product is unchanged in exact arithmetic, and outliers are spread over 16 values before
+quantization. M is padded with zero rows to a multiple of 16 for it.
+
 "Along an axis" sets the ``dim`` of a block format: ``BlockFloatingPoint(wl, block_size=k)``
 and ``ScaledFormat`` with blocks of ``k`` or ``"row"`` blocks. Element-wise formats, one
 exponent or scale per tensor (``bfp(wl)``, ``block="tensor"``) and ``(rows, cols)`` tiles do not
@@ -23,20 +43,22 @@ both uses of an operand see the same tiles (NVFP4's 16x16 weight blocks).
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import grad as nn_grad
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_lowp.formats import BlockFloatingPoint, Format, FormatLike, ScaledFormat, as_format, check_rounding
 from lightning_lowp.functional import quantize
-from lightning_lowp.recipes import get_recipe
+from lightning_lowp.recipes import check_keep_last, get_recipe
 from lightning_lowp.selection import ModuleHookCallback
 
 __all__ = [
@@ -46,15 +68,41 @@ __all__ = [
     "quantized_matmul",
     "QuantizedLinearFunction",
     "QuantizedMatmulFunction",
+    "QuantizedConvFunction",
+    "quantized_conv",
+    "random_hadamard",
+    "Observer",
+    "SECOND_USE",
     "along",
     "OPERAND_ROLES",
 ]
 
 #: The operand roles of a GEMM, each with a format and a rounding mode.
 OPERAND_ROLES = ("input", "weight", "grad_output")
-_SETTING_KEYS = (*OPERAND_ROLES, *(f"{role}_rounding" for role in OPERAND_ROLES))
+#: The GEMM of each role's second use, where a format of its own may replace the role's.
+SECOND_USE = {"input": "wgrad", "weight": "dgrad", "grad_output": "wgrad"}
+_SECOND_USE_KEYS = tuple(f"{role}_for_{gemm}" for role, gemm in SECOND_USE.items())
+_SETTING_KEYS = (
+    *OPERAND_ROLES,
+    *(f"{role}_rounding" for role in OPERAND_ROLES),
+    *_SECOND_USE_KEYS,
+    "wgrad_hadamard",
+    "hadamard_seed",
+)
+#: ``observer(operand, source, quantized, fmt)``, called for each quantized operand with its
+#: name (``"fprop.input"``, ``"dgrad.weight"``, ``"wgrad.grad_output"``, ...).
+Observer = Callable[[str, torch.Tensor, torch.Tensor, Format], None]
 # What QuantizeMatmuls.from_name accepts besides the recipe's name: the callback's own arguments.
-_FROM_NAME_KEYS = (*_SETTING_KEYS, "modules", "names", "predicate", "overrides", "attention", "quantize_eval")
+_FROM_NAME_KEYS = (
+    *_SETTING_KEYS,
+    "keep_last",
+    "modules",
+    "names",
+    "predicate",
+    "overrides",
+    "attention",
+    "quantize_eval",
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,9 +155,17 @@ class MatmulSettings:
         input: the activation operand (x of a linear layer, ``a`` of ``a @ b``).
         weight: the weight operand (W of a linear layer, ``b`` of ``a @ b``).
         grad_output: the gradient of the GEMM's output, in the two backward GEMMs.
-        input_rounding: the rounding mode of ``input``; likewise for the other roles.
+        input_rounding: the rounding mode of ``input`` (both uses); likewise for the other roles.
         weight_rounding: the rounding mode of ``weight``.
         grad_output_rounding: the rounding mode of ``grad_output``.
+        input_for_wgrad: the format of x in the weight-gradient GEMM; ``None``: ``input``'s
+            (``"fp32"`` leaves it unquantized).
+        weight_for_dgrad: the format of W in the input-gradient GEMM; ``None``: ``weight``'s.
+        grad_output_for_wgrad: the format of dy in the weight-gradient GEMM; ``None``:
+            ``grad_output``'s (its first use is the input-gradient GEMM).
+        wgrad_hadamard: multiply both weight-gradient operands by a random 16x16 Hadamard
+            transform along M before quantizing them (the NVFP4 recipe's RHT).
+        hadamard_seed: the seed of that transform's random signs.
 
     Example:
         >>> s = lp.MatmulSettings(input="mx(fp8_e4m3,32)", weight="mx(fp8_e4m3,32)", grad_output="fp8_e5m2")
@@ -121,31 +177,86 @@ class MatmulSettings:
     input_rounding: str = "nearest"
     weight_rounding: str = "nearest"
     grad_output_rounding: str = "nearest"
+    input_for_wgrad: FormatLike | None = None
+    weight_for_dgrad: FormatLike | None = None
+    grad_output_for_wgrad: FormatLike | None = None
+    wgrad_hadamard: bool = False
+    hadamard_seed: int = 0
 
     def __post_init__(self) -> None:
-        for role in OPERAND_ROLES:
-            value = getattr(self, role)
+        for key in (*OPERAND_ROLES, *_SECOND_USE_KEYS):
+            value = getattr(self, key)
             if value is not None:
-                fmt = as_format(value, role)
-                _check_operand_format(fmt, role)
-                object.__setattr__(self, role, fmt)
+                fmt = as_format(value, key)
+                _check_operand_format(fmt, key)
+                object.__setattr__(self, key, fmt)
+        for role in OPERAND_ROLES:
             check_rounding(getattr(self, f"{role}_rounding"), f"{role}_rounding")
+        if not isinstance(self.wgrad_hadamard, bool):
+            raise ValueError(f"wgrad_hadamard must be True or False, got {self.wgrad_hadamard!r}")
+        if isinstance(self.hadamard_seed, bool) or not isinstance(self.hadamard_seed, int):
+            raise ValueError(f"hadamard_seed must be an int, got {self.hadamard_seed!r}")
 
-    def quantize(self, role: str, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """``t`` quantized in ``role``'s format with its blocks along ``axis`` (as is for ``None``)."""
-        fmt = getattr(self, role)
+    def format_for(self, gemm: str, role: str) -> Format | None:
+        """The format of ``role`` in ``gemm`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``); ``None``: float32."""
+        if SECOND_USE[role] == gemm:
+            second = getattr(self, f"{role}_for_{gemm}")
+            if second is not None:
+                return second
+        return getattr(self, role)
+
+    def quantize(
+        self, gemm: str, role: str, t: torch.Tensor, axis: int, observer: Observer | None = None
+    ) -> torch.Tensor:
+        """``t``, the ``role`` operand of ``gemm``, quantized with its blocks along ``axis``.
+
+        Returned as is where the format is ``None``; ``observer`` (if given) sees the source and
+        the quantized value.
+        """
+        fmt = self.format_for(gemm, role)
         if fmt is None:
             return t
-        return quantize(t, along(fmt, axis), getattr(self, f"{role}_rounding"))
+        fmt = (along.__wrapped__ if torch.compiler.is_compiling() else along)(fmt, axis)  # compile: no cache
+        q = quantize(t, fmt, getattr(self, f"{role}_rounding"))
+        if observer is not None:
+            observer(f"{gemm}.{role}", t, q, fmt)
+        return q
 
     def __str__(self) -> str:
+        defaults = {f.name: f.default for f in fields(self)}
         parts = [f"{role}={getattr(self, role)}" for role in OPERAND_ROLES]
-        parts += [f"{k}={getattr(self, k)}" for k in _SETTING_KEYS[3:] if getattr(self, k) != "nearest"]
+        parts += [f"{k}={getattr(self, k)}" for k in _SETTING_KEYS[3:] if getattr(self, k) != defaults[k]]
         return f"MatmulSettings({', '.join(parts)})"
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_matrix(seed: int, device: torch.device) -> torch.Tensor:
+    """``H·diag(s)/4``: the 16x16 Sylvester Hadamard matrix with random column signs, orthogonal."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < 16:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64) * 2 - 1
+    return (h * signs / 4).to(torch.float32).to(device)
+
+
+def random_hadamard(t: torch.Tensor, seed: int, dim: int = -2) -> torch.Tensor:
+    """``t`` with every run of 16 along ``dim`` multiplied by the seeded random 16x16 Hadamard matrix.
+
+    ``dim`` is padded with zeros to a multiple of 16 first (the result is that long). For two
+    operands transformed alike, ``ht(a)ᵀ·ht(b) == aᵀ·b`` in exact arithmetic: the matrix is
+    orthogonal and the padded rows add zero.
+    """
+    t = t.movedim(dim, -1)
+    pad = -t.shape[-1] % 16
+    if pad:
+        t = F.pad(t, (0, pad))
+    h = _hadamard_matrix(seed, t.device).to(t.dtype)
+    out = (t.unflatten(-1, (-1, 16)) @ h.mT).flatten(-2)
+    return out.movedim(-1, dim)
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
-    """``F.linear`` with quantized GEMM operands: ``apply(x, weight, bias, settings)``.
+    """``F.linear`` with quantized GEMM operands: ``apply(x, weight, bias, settings, observer)``.
 
     Saves the high-precision x and W (not their quantized copies), so each backward GEMM
     quantizes them afresh along its own axis.
@@ -153,13 +264,21 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: MatmulSettings
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        settings: MatmulSettings,
+        observer: Observer | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.settings = settings
+        ctx.settings, ctx.observer = settings, observer
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = settings.quantize("input", x2, -1) @ settings.quantize("weight", weight, -1).mT
+        y = (
+            settings.quantize("fprop", "input", x2, -1, observer)
+            @ settings.quantize("fprop", "weight", weight, -1, observer).mT
+        )
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -167,33 +286,42 @@ class QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        settings: MatmulSettings = ctx.settings
+        s: MatmulSettings = ctx.settings
+        obs = ctx.observer
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dgrad: along N
-            dx = (settings.quantize("grad_output", dy2, -1) @ settings.quantize("weight", weight, -2)).reshape(x.shape)
+            dx = s.quantize("dgrad", "grad_output", dy2, -1, obs) @ s.quantize("dgrad", "weight", weight, -2, obs)
+            dx = dx.reshape(x.shape)
         if ctx.needs_input_grad[1]:  # wgrad: along M
             x2 = x.reshape(-1, x.shape[-1])
-            dw = settings.quantize("grad_output", dy2, -2).mT @ settings.quantize("input", x2, -2)
+            if s.wgrad_hadamard:
+                dy2, x2 = random_hadamard(dy2, s.hadamard_seed), random_hadamard(x2, s.hadamard_seed)
+            dw = s.quantize("wgrad", "grad_output", dy2, -2, obs).mT @ s.quantize("wgrad", "input", x2, -2, obs)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db, None
+            db = dy.reshape(-1, weight.shape[0]).sum(0)
+        return dx, dw, db, None, None
 
 
 class QuantizedMatmulFunction(torch.autograd.Function):
-    """``torch.matmul`` with quantized GEMM operands: ``apply(a, b, settings)``, a the input, b the weight.
+    """``torch.matmul`` with quantized GEMM operands: ``apply(a, b, settings, observer)``, a the input, b the weight.
 
     1-D operands are treated as ``torch.matmul`` treats them (a row, a column); broadcast batch
     dims are summed out of the gradients.
     """
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings) -> torch.Tensor:
+    def forward(
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings, observer: Observer | None = None
+    ) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        ctx.settings = settings
+        ctx.settings, ctx.observer = settings, observer
         a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (…, M, K)
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (…, K, N)
-        y = torch.matmul(settings.quantize("input", a2, -1), settings.quantize("weight", b2, -2))
+        y = torch.matmul(
+            settings.quantize("fprop", "input", a2, -1, observer),
+            settings.quantize("fprop", "weight", b2, -2, observer),
+        )
         if a.dim() == 1:
             y = y.squeeze(-2)
         if b.dim() == 1:
@@ -203,7 +331,8 @@ class QuantizedMatmulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, b = ctx.saved_tensors
-        settings: MatmulSettings = ctx.settings
+        s: MatmulSettings = ctx.settings
+        obs = ctx.observer
         a2 = a.unsqueeze(0) if a.dim() == 1 else a
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b
         if b.dim() == 1:
@@ -212,12 +341,88 @@ class QuantizedMatmulFunction(torch.autograd.Function):
             dy = dy.unsqueeze(-2)  # (…, M, N)
         da = db = None
         if ctx.needs_input_grad[0]:  # along N
-            da = torch.matmul(settings.quantize("grad_output", dy, -1), settings.quantize("weight", b2, -1).mT)
+            da = torch.matmul(
+                s.quantize("dgrad", "grad_output", dy, -1, obs), s.quantize("dgrad", "weight", b2, -1, obs).mT
+            )
             da = da.sum_to_size(a2.shape).reshape(a.shape)
         if ctx.needs_input_grad[1]:  # along M
-            db = torch.matmul(settings.quantize("input", a2, -2).mT, settings.quantize("grad_output", dy, -2))
+            if s.wgrad_hadamard:
+                a2, dy = random_hadamard(a2, s.hadamard_seed), random_hadamard(dy, s.hadamard_seed)
+            db = torch.matmul(
+                s.quantize("wgrad", "input", a2, -2, obs).mT, s.quantize("wgrad", "grad_output", dy, -2, obs)
+            )
             db = db.sum_to_size(b2.shape).reshape(b.shape)
-        return da, db, None
+        return da, db, None, None
+
+
+def _conv_quantize(
+    s: MatmulSettings, gemm: str, role: str, t: torch.Tensor, axis: int, observer: Observer | None
+) -> torch.Tensor:
+    """A conv operand quantized as its implicit GEMM's matrices: dims 0 and 1 are the GEMM's axes.
+
+    ``t`` (x or dy as (batch, channels, *spatial), W as (C_out, C_in, *kernel)) is seen as a
+    stack, over pixels or kernel offsets, of matrices whose rows run along dim 0 and columns
+    along dim 1; ``axis`` -1 blocks along dim 1, -2 along dim 0.
+    """
+    view = t.movedim((0, 1), (-2, -1))
+    return s.quantize(gemm, role, view, axis, observer).movedim((-2, -1), (0, 1))
+
+
+class QuantizedConvFunction(torch.autograd.Function):
+    """``F.conv1d`` / ``F.conv2d`` with quantized implicit-GEMM operands (``groups=1``).
+
+    ``apply(x, weight, bias, stride, padding, dilation, settings, observer)`` with integer
+    tuples for stride, padding and dilation. Blocks: fprop along C_in (x and W), dgrad along
+    C_out (dy and W), wgrad along the batch (dy and x); see :mod:`lightning_lowp.matmuls`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        settings: MatmulSettings,
+        observer: Observer | None = None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.settings, ctx.observer = settings, observer
+        ctx.conv = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        conv = F.conv1d if x.dim() == 3 else F.conv2d
+        qx = _conv_quantize(settings, "fprop", "input", x, -1, observer)
+        qw = _conv_quantize(settings, "fprop", "weight", weight, -1, observer)
+        return conv(qx, qw, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        s: MatmulSettings = ctx.settings
+        obs = ctx.observer
+        stride, padding, dilation = ctx.conv
+        conv_input, conv_weight = (
+            (nn_grad.conv1d_input, nn_grad.conv1d_weight)
+            if x.dim() == 3
+            else (nn_grad.conv2d_input, nn_grad.conv2d_weight)
+        )
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # dgrad: along C_out
+            qdy = _conv_quantize(s, "dgrad", "grad_output", dy, -1, obs)
+            qw = _conv_quantize(s, "dgrad", "weight", weight, -2, obs)
+            dx = conv_input(x.shape, qw, qdy, stride, padding, dilation)
+        if ctx.needs_input_grad[1]:  # wgrad: along the batch
+            xs, dys = x, dy
+            if s.wgrad_hadamard:
+                xs, dys = random_hadamard(x, s.hadamard_seed, 0), random_hadamard(dy, s.hadamard_seed, 0)
+            qx = _conv_quantize(s, "wgrad", "input", xs, -2, obs)
+            qdy = _conv_quantize(s, "wgrad", "grad_output", dys, -2, obs)
+            dw = conv_weight(qx, weight.shape, qdy, stride, padding, dilation)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum([0, *range(2, dy.dim())])
+        return dx, dw, db, None, None, None, None, None
 
 
 def _check_settings(settings: object) -> None:
@@ -230,6 +435,7 @@ def quantized_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     settings: MatmulSettings | None = None,
+    observer: Observer | None = None,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` with its three GEMMs' operands quantized.
 
@@ -238,6 +444,7 @@ def quantized_linear(
         weight: W, (N, K).
         bias: (N,) or ``None``; added in float32 and not quantized.
         settings: the operands' formats; ``None`` is plain ``F.linear``.
+        observer: called with each quantized operand (see ``Observer``).
 
     Returns:
         y, (…, N), differentiable in input, weight and bias.
@@ -251,16 +458,19 @@ def quantized_linear(
     _check_settings(settings)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
-    return QuantizedLinearFunction.apply(input, weight, bias, settings)
+    return QuantizedLinearFunction.apply(input, weight, bias, settings, observer)
 
 
-def quantized_matmul(a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings | None = None) -> torch.Tensor:
+def quantized_matmul(
+    a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings | None = None, observer: Observer | None = None
+) -> torch.Tensor:
     """``torch.matmul(a, b)`` with its GEMMs' operands quantized: a in ``input``'s format, b in ``weight``'s.
 
     Args:
         a: (…, M, K) (or (K,)).
         b: (…, K, N) (or (K,)); batch dims broadcast as in ``torch.matmul``.
         settings: the operands' formats; ``None`` is plain ``torch.matmul``.
+        observer: called with each quantized operand (see ``Observer``).
 
     Returns:
         The product, differentiable in a and b.
@@ -268,7 +478,76 @@ def quantized_matmul(a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings 
     if settings is None:
         return torch.matmul(a, b)
     _check_settings(settings)
-    return QuantizedMatmulFunction.apply(a, b, settings)
+    return QuantizedMatmulFunction.apply(a, b, settings, observer)
+
+
+def quantized_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    settings: MatmulSettings | None = None,
+    observer: Observer | None = None,
+) -> torch.Tensor:
+    """``F.conv1d`` / ``F.conv2d`` (by ``input``'s dims) with its implicit GEMMs' operands quantized.
+
+    Args:
+        input: x, (batch, C_in, L) or (batch, C_in, H, W).
+        weight: W, (C_out, C_in, *kernel).
+        bias: (C_out,) or ``None``; added in float32 and not quantized.
+        stride: as in ``F.conv2d``.
+        padding: as in ``F.conv2d``, including ``"same"`` and ``"valid"``.
+        dilation: as in ``F.conv2d``.
+        groups: must be 1 (a block along channels would cross groups).
+        settings: the operands' formats; ``None`` is plain ``F.conv1d`` / ``F.conv2d``.
+        observer: called with each quantized operand (see ``Observer``).
+
+    Returns:
+        The convolution, differentiable in input, weight and bias.
+
+    Raises:
+        ValueError: for ``groups != 1``, an input that is not 3-D or 4-D, or a weight whose
+            dims do not match it.
+    """
+    if input.dim() not in (3, 4) or weight.dim() != input.dim():
+        raise ValueError(
+            "quantized_conv needs input (batch, C_in, L) with weight (C_out, C_in, k) or input (batch, C_in, H, W) "
+            f"with weight (C_out, C_in, kh, kw); got input {tuple(input.shape)} and weight {tuple(weight.shape)}"
+        )
+    n = input.dim() - 2
+    conv = F.conv1d if n == 1 else F.conv2d
+    if settings is None:
+        return conv(input, weight, bias, stride, padding, dilation, groups)
+    _check_settings(settings)
+    if groups != 1:
+        raise ValueError(
+            f"groups={groups}: QuantizeMatmuls quantizes convolutions with groups=1 only (a block along the "
+            "channels would span two groups); leave grouped and depthwise convolutions out of the selection"
+        )
+
+    def ints(v: int | Sequence[int], name: str) -> tuple[int, ...]:
+        t = (v,) * n if isinstance(v, int) else tuple(v)
+        if len(t) != n or not all(isinstance(i, int) for i in t):
+            raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
+        return t
+
+    strides, dilations = ints(stride, "stride"), ints(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or {n} ints, got {padding!r}")
+        pads = (0,) * n
+        if padding == "same" and any(st != 1 for st in strides):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride!r} (as in torch)")
+        if padding == "same":  # torch's split: the odd one out goes to the end
+            totals = [d * (k - 1) for d, k in zip(dilations, weight.shape[2:], strict=True)]
+            pad_args = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+            input = F.pad(input, pad_args)
+    else:
+        pads = ints(padding, "padding")
+    return QuantizedConvFunction.apply(input, weight, bias, strides, pads, dilations, settings, observer)
 
 
 # ---- the callback ---------------------------------------------------------------------------
@@ -285,7 +564,7 @@ def _plain(*tensors: object) -> bool:
 
 
 class _MatmulMode(TorchFunctionMode):
-    """Routes ``F.linear`` (and, with ``attention``, matmuls) to the quantized functions.
+    """Routes ``F.linear``, ``F.conv1d``/``F.conv2d`` (and, with ``attention``, matmuls) to the quantized functions.
 
     Active from the first selected module's forward pre-hook to the last one's forward hook;
     the innermost selected module's settings apply. Inside its handler the mode is off, so the
@@ -304,17 +583,27 @@ class _MatmulMode(TorchFunctionMode):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        name, settings = self.owner._stack[-1] if self.owner._stack else ("", None)
-        if settings is not None:
-            if func is F.linear:
-                bound = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
-                x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
-                if len(bound) <= 3 and _plain(x, w) and w.dim() == 2 and (b is None or _plain(b)):  # type: ignore[union-attr]
-                    self.owner.counts[(name, "linear")] += 1
-                    return QuantizedLinearFunction.apply(x, w, b, settings)
-            elif self.owner.attention and func in _MATMULS and not kwargs and len(args) == 2 and _plain(*args):
-                self.owner.counts[(name, "matmul")] += 1
-                return QuantizedMatmulFunction.apply(args[0], args[1], settings)
+        owner = self.owner
+        name, settings = owner._stack[-1] if owner._stack else ("", None)
+        if settings is None:
+            return func(*args, **kwargs)
+        if func is F.linear:
+            bound = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
+            x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+            if len(bound) <= 3 and _plain(x, w) and w.dim() == 2 and (b is None or _plain(b)):  # type: ignore[union-attr]
+                owner.counts[(name, "linear")] += 1
+                return QuantizedLinearFunction.apply(x, w, b, settings, owner._observer(name))
+        elif func in _CONVS:
+            keys = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            bound = dict(zip(keys, args, strict=False), **kwargs)
+            x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+            if _plain(x, w) and (b is None or _plain(b)):
+                owner.counts[(name, "conv")] += 1
+                bound.pop("input")
+                return quantized_conv(x, settings=settings, observer=owner._observer(name), **bound)  # type: ignore[arg-type]
+        elif owner.attention and func in _MATMULS and not kwargs and len(args) == 2 and _plain(*args):
+            owner.counts[(name, "matmul")] += 1
+            return QuantizedMatmulFunction.apply(args[0], args[1], settings, owner._observer(name))
         return func(*args, **kwargs)
 
 
@@ -322,12 +611,13 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
     """Quantize the operands of the matrix multiplies inside selected modules.
 
     Every ``F.linear`` run in a selected module's forward (that of ``nn.Linear``, and of any
-    module calling it) is replaced by :func:`quantized_linear`; with ``attention=True`` also
-    ``torch.matmul``, ``a @ b`` and ``torch.bmm`` (by :func:`quantized_matmul`: the left
-    operand takes the ``input`` format, the right one the ``weight`` format). Parameters,
-    ``state_dict`` and optimizers are untouched: the model computes in float32 with quantized
-    GEMM operands. The callback picks each operand's block axis (see
-    :mod:`lightning_lowp.matmuls`); a format that fixes ``dim`` is refused.
+    module calling it) is replaced by :func:`quantized_linear`, every ``F.conv1d`` /
+    ``F.conv2d`` by :func:`quantized_conv` (select ``nn.Conv1d`` / ``nn.Conv2d`` for them);
+    with ``attention=True`` also ``torch.matmul``, ``a @ b`` and ``torch.bmm`` (by
+    :func:`quantized_matmul`: the left operand takes the ``input`` format, the right one the
+    ``weight`` format). Parameters, ``state_dict`` and optimizers are untouched: the model
+    computes in float32 with quantized GEMM operands. The callback picks each operand's block
+    axis (see :mod:`lightning_lowp.matmuls`); a format that fixes ``dim`` is refused.
 
     Hooks are attached when fit, validate, test or predict starts and removed when it ends
     (also after an error); the selection is checked then, before any step runs. Selected
@@ -340,6 +630,11 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         input_rounding: the rounding mode of ``input``.
         weight_rounding: the rounding mode of ``weight``.
         grad_output_rounding: the rounding mode of ``grad_output``.
+        input_for_wgrad: x's format in the weight-gradient GEMM (``None``: ``input``'s).
+        weight_for_dgrad: W's format in the input-gradient GEMM (``None``: ``weight``'s).
+        grad_output_for_wgrad: dy's format in the weight-gradient GEMM (``None``: ``grad_output``'s).
+        wgrad_hadamard: the random 16x16 Hadamard transform of both weight-gradient operands.
+        hadamard_seed: the seed of its random signs.
         modules: module types whose forward is intercepted (default ``(nn.Linear,)``); ``None``
             selects every module (narrow with ``names`` or ``predicate``).
         names: fnmatch patterns of qualified module names; each must match at least one module.
@@ -347,12 +642,15 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         overrides: ``{pattern: {"input": ..., "weight_rounding": ..., ...}}`` per-module
             settings merged over the others, e.g. ``{"head": {"input": "bf16", "weight": "bf16",
             "grad_output": "bf16"}}``; each pattern must match a selected module.
+        keep_last: the last ``keep_last`` selected modules (in the model's module order) take
+            bf16 for every operand, whatever the overrides say; a float in [0, 1) is a fraction
+            of the selected modules, rounded up (the NVFP4 recipe keeps its last layers in bf16).
         attention: also quantize ``torch.matmul`` / ``@`` / ``torch.bmm`` inside the selected
             modules (off by default: attention's ``q @ kᵀ`` and ``p @ v``); select the modules
             that call them (by type or name).
         quantize_eval: also quantize in validation, test and predict; ``False``: training only.
-        recipe: take the formats and roundings from a registered recipe's ``matmul_*`` roles
-            (as ``from_name``; handy in YAML configs).
+        recipe: take the settings from a registered recipe's ``matmul_*`` fields (as
+            ``from_name``; handy in YAML configs).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[lp.QuantizeMatmuls.from_name("mxfp8")])
@@ -370,10 +668,16 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         input_rounding: str = "nearest",
         weight_rounding: str = "nearest",
         grad_output_rounding: str = "nearest",
+        input_for_wgrad: FormatLike | None = None,
+        weight_for_dgrad: FormatLike | None = None,
+        grad_output_for_wgrad: FormatLike | None = None,
+        wgrad_hadamard: bool = False,
+        hadamard_seed: int = 0,
         modules: Sequence[type[nn.Module]] | None = (nn.Linear,),
         names: Sequence[str] | None = None,
         predicate: Callable[[str, nn.Module], bool] | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        keep_last: int | float = 0,
         attention: bool = False,
         quantize_eval: bool = True,
         recipe: str | None = None,
@@ -386,15 +690,24 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
             "input_rounding": input_rounding,
             "weight_rounding": weight_rounding,
             "grad_output_rounding": grad_output_rounding,
+            "input_for_wgrad": input_for_wgrad,
+            "weight_for_dgrad": weight_for_dgrad,
+            "grad_output_for_wgrad": grad_output_for_wgrad,
+            "wgrad_hadamard": wgrad_hadamard,
+            "hadamard_seed": hadamard_seed,
+            "keep_last": keep_last,
         }
         if recipe is not None:
-            changed = [k for k, v in given.items() if v != ("nearest" if k.endswith("rounding") else None)]
+            defaults = {**{f.name: f.default for f in fields(MatmulSettings)}, "keep_last": 0}
+            changed = [k for k, v in given.items() if v != defaults[k]]
             if changed:
                 raise ValueError(
                     f"give either recipe={recipe!r} or formats, not both (got {', '.join(changed)}); "
                     f"use QuantizeMatmuls.from_name({recipe!r}, {changed[0]}=...) to change a recipe"
                 )
             given = _recipe_settings(recipe)
+        self.keep_last = given.pop("keep_last")
+        check_keep_last(self.keep_last)
         self.settings = MatmulSettings(**given)
         if not isinstance(attention, bool):
             raise ValueError(f"attention must be True or False, got {attention!r}")
@@ -409,8 +722,11 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
                 )
             self.overrides[pattern] = MatmulSettings(**{**base, **per_module})
         self.attention = attention
-        #: How many GEMMs were quantized, by (module name, ``"linear"`` or ``"matmul"``).
+        #: How many GEMMs were quantized, by (module name, ``"linear"``, ``"conv"`` or ``"matmul"``).
         self.counts: Counter[tuple[str, str]] = Counter()
+        #: ``observer(module, operand, source, quantized, fmt)``, set by QuantizationMetrics on
+        #: the steps it samples; ``None``: no operand is observed.
+        self.observer: Callable[[str, str, torch.Tensor, torch.Tensor, Format], None] | None = None
         self._stack: list[tuple[str, MatmulSettings | None]] = []  # the selected modules now running
         self._mode: _MatmulMode | None = None
 
@@ -421,9 +737,9 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         Args:
             name: a registered recipe's name, e.g. ``"mxfp8"``, ``"nvfp4"``, ``"fp8_blockwise"``.
             **kwargs: arguments of :class:`QuantizeMatmuls` other than ``recipe``: settings to
-                replace (``input``, ``weight``, ``grad_output`` and their ``*_rounding``) and the
-                selection (``modules``, ``names``, ``predicate``, ``overrides``, ``attention``,
-                ``quantize_eval``).
+                replace (``input``, ``weight``, ``grad_output``, their ``*_rounding``, ...,
+                ``keep_last``) and the selection (``modules``, ``names``, ``predicate``,
+                ``overrides``, ``attention``, ``quantize_eval``).
 
         Raises:
             ValueError: for an unknown recipe or argument, naming the accepted ones.
@@ -433,11 +749,36 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
             raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_FROM_NAME_KEYS)}")
         return cls(**{**_recipe_settings(name, kwargs), **kwargs})
 
+    # ---- selection ------------------------------------------------------------------
+
+    @override
+    def select(self, model: nn.Module) -> dict[str, MatmulSettings]:
+        """The selected modules with their settings; the last ``keep_last`` of them in bf16.
+
+        Raises:
+            ValueError: for a selected convolution this callback cannot quantize (groups > 1,
+                3-D, transposed), naming it.
+        """
+        selected = super().select(model)
+        modules = dict(model.named_modules())
+        for name in selected:
+            m = modules[name]
+            if isinstance(m, nn.modules.conv._ConvNd) and (not isinstance(m, (nn.Conv1d, nn.Conv2d)) or m.groups != 1):
+                raise ValueError(
+                    f"module {name!r} ({type(m).__name__}, groups={m.groups}) is selected, but QuantizeMatmuls "
+                    "quantizes nn.Conv1d and nn.Conv2d with groups=1 only; leave it out (names=, predicate=)"
+                )
+        n = self.keep_last if isinstance(self.keep_last, int) else math.ceil(self.keep_last * len(selected))
+        for name in list(selected)[len(selected) - min(n, len(selected)) :]:
+            selected[name] = _BF16
+        return selected
+
     # ---- hooks ----------------------------------------------------------------------
 
     @override
     def _describe(self) -> str:
-        return f"{self.settings}, attention={self.attention}"
+        kept = f", keep_last={self.keep_last}" if self.keep_last else ""
+        return f"{self.settings}, attention={self.attention}{kept}"
 
     @override
     def _hook_module(
@@ -456,6 +797,13 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+
+    def _observer(self, name: str) -> Observer | None:
+        """The observer of module ``name``'s operands now (``None`` outside sampled steps)."""
+        observer = self.observer
+        if observer is None:
+            return None
+        return lambda operand, source, q, fmt: observer(name, operand, source, q, fmt)
 
     def _enter(self, name: str, settings: MatmulSettings) -> Callable[[nn.Module, Any], None]:
         def push(module: nn.Module, args: Any) -> None:
@@ -476,15 +824,20 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
                 self._mode = None
 
 
+_CONVS = {F.conv1d, F.conv2d}
+# The operands of the modules keep_last leaves in high precision.
+_BF16 = MatmulSettings(input="bf16", weight="bf16", grad_output="bf16")
+
+
 def _recipe_settings(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``matmul_*`` roles of recipe ``name`` as MatmulSettings arguments.
+    """The ``matmul_*`` fields of recipe ``name`` as QuantizeMatmuls arguments.
 
     Raises:
         ValueError: for an unknown recipe, or one that sets no matmul operand while ``given``
             sets no format either.
     """
     r = get_recipe(name)
-    settings = {k: getattr(r, f"matmul_{k}") for k in _SETTING_KEYS}
+    settings = {k: getattr(r, f"matmul_{k}") for k in (*_SETTING_KEYS, "keep_last")}
     if all(settings[role] is None for role in OPERAND_ROLES) and not any(
         (given or {}).get(role) is not None for role in OPERAND_ROLES
     ):

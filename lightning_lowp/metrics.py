@@ -10,7 +10,10 @@ Two kinds of measurements, both logged through the Trainer's loggers:
   them off, for any other model.
 * **Per-layer quantization error** (training, every ``every_n_steps`` steps): for each layer
   the ``QuantizeActivations`` callback hooked, the fraction of its output values that
-  saturate, the fraction flushed to zero and the signal-to-quantization-noise ratio.
+  saturate, the fraction flushed to zero and the signal-to-quantization-noise ratio; and the
+  same for every GEMM operand a :class:`~lightning_lowp.QuantizeMatmuls` callback quantizes
+  (``fprop.input``, ``fprop.weight``, ``dgrad.grad_output``, ``dgrad.weight``,
+  ``wgrad.grad_output``, ``wgrad.input`` of each hooked module).
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_lowp.callbacks import QuantizeActivations
-from lightning_lowp.formats import BlockFloatingPoint, FixedPoint, FloatingPoint, Format, FormatLike, as_format
-from lightning_lowp.reference import block_range
+from lightning_lowp.formats import (
+    BlockFloatingPoint,
+    FixedPoint,
+    FloatingPoint,
+    Format,
+    FormatLike,
+    ScaledFormat,
+    as_format,
+)
+from lightning_lowp.matmuls import QuantizeMatmuls
+from lightning_lowp.reference import block_range, scaled_block_scales
 
 __all__ = ["QuantizationMetrics", "quantization_error_stats"]
 
@@ -62,7 +74,14 @@ def _range(x: Tensor, fmt: Format) -> tuple[float | Tensor, float | Tensor]:
     if isinstance(fmt, BlockFloatingPoint):
         limit = _block_limit(x, fmt)
         return -limit, limit
-    raise TypeError(f"fmt must be FixedPoint, FloatingPoint or BlockFloatingPoint, got {type(fmt).__name__}")
+    if isinstance(fmt, ScaledFormat):  # the element format's range times the block's scale
+        scale = scaled_block_scales(x, fmt).to(device=x.device, dtype=torch.float32)
+        hi = scale * fmt.element_max
+        lo = hi * (fmt.element.min_value / fmt.element.max_value)
+        return lo, hi
+    raise TypeError(
+        f"fmt must be FixedPoint, FloatingPoint, BlockFloatingPoint or ScaledFormat, got {type(fmt).__name__}"
+    )
 
 
 def _error_sums(x: Tensor, q: Tensor, fmt: Format) -> Tensor:
@@ -221,15 +240,16 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 
 
 class QuantizationMetrics(pl.Callback):
-    """Logs what activation quantization costs: quantized vs float accuracy, per-layer error.
+    """Logs what activation and GEMM-operand quantization costs: quantized vs float accuracy, per-layer error.
 
     Validation and test (``val/...``, ``test/...``), accumulated over the epoch as torchmetrics
     ``Metric`` objects (synchronised across processes):
 
     * ``acc_quantized``: top-1 accuracy with the :class:`QuantizeActivations` callback's
-      forward quantization applied (also when that callback has ``quantize_eval=False``);
-    * ``acc_float``: the same weights, the same batches, with activation quantization switched
-      off (``QuantizeActivations.disabled()``);
+      forward quantization and the :class:`QuantizeMatmuls` callbacks' operand quantization
+      applied (also when they have ``quantize_eval=False``);
+    * ``acc_float``: the same weights, the same batches, with both switched off (their
+      ``disabled()``);
     * ``acc_gap``: ``acc_quantized - acc_float``, a fraction in [-1, 1] (negative: quantization
       costs accuracy). Accuracies are fractions in [0, 1], not percentages.
 
@@ -241,7 +261,13 @@ class QuantizationMetrics(pl.Callback):
     the hook quantized it to, summed over all calls of the layer in that batch and over all
     processes. They are written to the loggers directly at that step (like Lightning's
     ``LearningRateMonitor``, independently of ``log_every_n_steps``) and appear in
-    ``trainer.callback_metrics``; :attr:`last_layer_stats` holds the latest values.
+    ``trainer.callback_metrics``; :attr:`last_layer_stats` holds the latest values. With a
+    :class:`QuantizeMatmuls` callback in the trainer, the same three figures are logged for
+    every GEMM operand it quantized in that step, forward and backward:
+    ``quant/<module>/<gemm>.<role>/...`` with ``<gemm>.<role>`` one of ``fprop.input``,
+    ``fprop.weight``, ``dgrad.grad_output``, ``dgrad.weight``, ``wgrad.grad_output``,
+    ``wgrad.input`` (summed over the module's GEMMs in the step; scaled formats saturate at
+    the element format's largest value times the block's scale).
 
     The accuracies need a classification model: evaluation batches ``(inputs, targets)`` with
     ``targets`` integer class indices, and ``pl_module(inputs)`` returning logits whose argmax
@@ -312,6 +338,7 @@ class QuantizationMetrics(pl.Callback):
         #: The global step the latest per-layer statistics were sampled at (None before any).
         self.last_sampled_step: int | None = None
         self._quantizer: QuantizeActivations | None = None
+        self._matmuls: list[QuantizeMatmuls] = []
         self._warned = False
         self._checked_batch = False  # whether an evaluation batch has met the accuracy's requirements
         self._metrics: dict[tuple[str, int], dict[str, _Ratio]] = {}
@@ -331,8 +358,9 @@ class QuantizationMetrics(pl.Callback):
                 f"QuantizationMetrics compares against one QuantizeActivations callback; the trainer has {len(found)}"
             )
         self._quantizer = found[0] if found else None
+        self._matmuls = [cb for cb in callbacks if isinstance(cb, QuantizeMatmuls)]
         self._checked_batch = False  # each run's model is checked anew
-        if self._quantizer is None and not self._warned:
+        if self._quantizer is None and not self._matmuls and not self._warned:
             self._warned = True
             rank_zero_warn(
                 "QuantizationMetrics: the trainer has no QuantizeActivations callback, so "
@@ -359,18 +387,21 @@ class QuantizationMetrics(pl.Callback):
                 for metric in metrics.values():
                     metric.reset()
 
+    def _hook_callbacks(self) -> list[QuantizeActivations | QuantizeMatmuls]:
+        """The callbacks whose quantization the float pass switches off."""
+        return ([self._quantizer] if self._quantizer is not None else []) + self._matmuls
+
     def _logits(self, pl_module: pl.LightningModule, inputs: Any, quantized: bool) -> Tensor:
-        qa = self._quantizer
-        if qa is None:
+        hooked = self._hook_callbacks()
+        with contextlib.ExitStack() as stack:
+            for cb in hooked:
+                if quantized:  # quantize in eval mode too, for this pass
+                    previous = cb.quantize_eval
+                    cb.quantize_eval = True
+                    stack.callback(setattr, cb, "quantize_eval", previous)
+                else:
+                    stack.enter_context(cb.disabled())
             return self.forward_fn(pl_module, inputs)
-        if not quantized:
-            with qa.disabled():
-                return self.forward_fn(pl_module, inputs)
-        previous, qa.quantize_eval = qa.quantize_eval, True  # quantize in eval mode too, for this pass
-        try:
-            return self.forward_fn(pl_module, inputs)
-        finally:
-            qa.quantize_eval = previous
 
     def _check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Check that a batch meets the accuracy's requirements (one forward pass, nothing logged).
@@ -395,7 +426,7 @@ class QuantizationMetrics(pl.Callback):
         inputs, targets = self.batch_fn(batch)
         with torch.no_grad(), _preserved_rng(pl_module.device):
             correct_q = _correct(self._logits(pl_module, inputs, quantized=True), targets)
-            if self._quantizer is None:
+            if not self._hook_callbacks():
                 correct_f = correct_q
             else:
                 correct_f = _correct(self._logits(pl_module, inputs, quantized=False), targets)
@@ -462,7 +493,7 @@ class QuantizationMetrics(pl.Callback):
         qa = self._quantizer
         if (
             self.every_n_steps is None
-            or qa is None
+            or (qa is None and not self._matmuls)
             or step % self.every_n_steps != 0
             or step == self.last_sampled_step  # the later micro-batches of an accumulated step
         ):
@@ -470,10 +501,18 @@ class QuantizationMetrics(pl.Callback):
         self._remove_hooks()
         self._sums = {}
         self._sampling_step = step
-        modules = dict(pl_module.named_modules())
-        for name, fmt in self._layers().items():
-            if name in modules:
-                self._attach(qa, name, modules[name], fmt)
+        if qa is not None:
+            modules = dict(pl_module.named_modules())
+            for name, fmt in self._layers().items():
+                if name in modules:
+                    self._attach(qa, name, modules[name], fmt)
+        for qm in self._matmuls:  # the operands are seen in this step's forward and backward
+            qm.observer = self._observe_operand
+
+    def _observe_operand(self, module: str, operand: str, x: Tensor, q: Tensor, fmt: Format) -> None:
+        key = f"{module}/{operand}"
+        sums = _error_sums(x, q, fmt)
+        self._sums[key] = sums if key not in self._sums else self._sums[key] + sums
 
     def _attach(self, qa: QuantizeActivations, name: str, module: nn.Module, fmt: Format) -> None:
         pending: list[Tensor | None] = []
@@ -499,6 +538,8 @@ class QuantizationMetrics(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for qm in self._matmuls:
+            qm.observer = None
 
     @override
     def on_train_batch_end(
@@ -509,7 +550,8 @@ class QuantizationMetrics(pl.Callback):
         step, self._sampling_step = self._sampling_step, None
         self._remove_hooks()
         self.last_sampled_step = step
-        names = list(self._layers())
+        # layers, then GEMM operands (sorted: every process reduces the same keys in the same order)
+        names = list(self._layers()) + sorted(k for k in self._sums if k not in self._layers())
         if not names:
             return
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64

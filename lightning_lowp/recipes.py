@@ -17,7 +17,7 @@ role in float32. ``LowPrecision.from_name``, ``QuantizeActivations.from_name`` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from lightning_lowp.formats import Format, FormatLike, as_format, check_rounding
 
@@ -36,6 +36,15 @@ ROLES = (
     "matmul_weight",
     "matmul_grad_output",
 )
+
+
+def check_keep_last(value: object, name: str = "keep_last") -> None:
+    """Refuse a ``keep_last`` that is neither a count (int >= 0) nor a fraction in [0, 1)."""
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, float) and 0 <= value < 1
+    )
+    if not ok:
+        raise ValueError(f"{name} must be an int >= 0 (modules) or a float in [0, 1) (a fraction), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,15 @@ class Recipe:
         matmul_weight: the weight operand of the GEMMs (W in ``x·Wᵀ``), quantized per GEMM.
         matmul_grad_output: the output gradient operand of the backward GEMMs.
         weight_rounding: the rounding mode of ``weight``; likewise for every role.
+        matmul_input_for_wgrad: the format of x in the weight-gradient GEMM (``None``:
+            ``matmul_input``'s); likewise ``matmul_weight_for_dgrad`` and
+            ``matmul_grad_output_for_wgrad`` (see :class:`~lightning_lowp.MatmulSettings`).
+        matmul_weight_for_dgrad: the format of W in the input-gradient GEMM.
+        matmul_grad_output_for_wgrad: the format of dy in the weight-gradient GEMM.
+        matmul_wgrad_hadamard: the random Hadamard transform of the weight-gradient operands.
+        matmul_hadamard_seed: its seed.
+        matmul_keep_last: how many of the last selected modules keep bf16 GEMM operands (an
+            int), or which fraction of them (a float in [0, 1), rounded up).
     """
 
     weight: FormatLike | None = None
@@ -77,6 +95,12 @@ class Recipe:
     matmul_input_rounding: str = "nearest"
     matmul_weight_rounding: str = "nearest"
     matmul_grad_output_rounding: str = "nearest"
+    matmul_input_for_wgrad: FormatLike | None = None
+    matmul_weight_for_dgrad: FormatLike | None = None
+    matmul_grad_output_for_wgrad: FormatLike | None = None
+    matmul_wgrad_hadamard: bool = False
+    matmul_hadamard_seed: int = 0
+    matmul_keep_last: int | float = 0
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -84,6 +108,15 @@ class Recipe:
             if value is not None:
                 object.__setattr__(self, role, as_format(value, role))
             check_rounding(getattr(self, f"{role}_rounding"), f"{role}_rounding")
+        for key in ("matmul_input_for_wgrad", "matmul_weight_for_dgrad", "matmul_grad_output_for_wgrad"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, as_format(value, key))
+        if not isinstance(self.matmul_wgrad_hadamard, bool):
+            raise ValueError(f"matmul_wgrad_hadamard must be True or False, got {self.matmul_wgrad_hadamard!r}")
+        if isinstance(self.matmul_hadamard_seed, bool) or not isinstance(self.matmul_hadamard_seed, int):
+            raise ValueError(f"matmul_hadamard_seed must be an int, got {self.matmul_hadamard_seed!r}")
+        check_keep_last(self.matmul_keep_last, "matmul_keep_last")
 
     def __str__(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
@@ -155,10 +188,15 @@ _RECIPES: dict[str, Recipe] = {
     "mxfp4": _matmul_recipe("mxfp4"),
     # NVIDIA's NVFP4 pretraining recipe (arXiv:2509.25149): E2M1 elements, E4M3 scales per 1x16
     # block under a float32 tensor scale; 16x16 2D blocks for weights, so that W and Wᵀ are
-    # the same values in the forward and the backward GEMMs; stochastic rounding of gradients.
-    # Not implemented yet: the random Hadamard transform of the wgrad operands.
-    "nvfp4": _matmul_recipe(
-        "nvfp4", weight="mx(fp4_e2m1,16x16,scale=fp8_e4m3,tensor_scale=true)", grad_output_rounding="stochastic"
+    # the same values in the forward and the backward GEMMs; a random Hadamard transform of
+    # the weight-gradient operands (16x16, one seeded sign vector); stochastic rounding of
+    # gradients; the last layers in BF16 (here the last 15% of the selected modules).
+    "nvfp4": replace(
+        _matmul_recipe(
+            "nvfp4", weight="mx(fp4_e2m1,16x16,scale=fp8_e4m3,tensor_scale=true)", grad_output_rounding="stochastic"
+        ),
+        matmul_wgrad_hadamard=True,
+        matmul_keep_last=0.15,
     ),
     # torchao's float8 training, "tensorwise": a float32 scale per tensor, E4M3 for the forward
     # operands, E5M2 for the output gradient.

@@ -2,10 +2,15 @@
 once per extra rank): two CPU ranks (gloo) train a tiny model on different batches with
 stochastic rounding of weights and gradients, then compare their weights bit for bit.
 
-    python tests/lightning/ddp_check.py RESULT.json [STEPS]
+    python tests/lightning/ddp_check.py RESULT.json [STEPS] [matmuls]
+
+With "matmuls", the model computes with lp.QuantizeMatmuls' nvfp4 recipe (stochastic rounding
+of output gradients, a random Hadamard transform in wgrad) and lp.QuantizationMetrics samples
+its operands every 2 steps (a collective across ranks), instead of the LowPrecision plugin.
 
 Rank 0 writes RESULT.json: {"identical": bool, "changed": bool, "different_data": bool,
-"weights": [...rank 0's parameters, flat...], "world_size": int, "steps": int}.
+"weights": [...rank 0's parameters, flat...], "world_size": int, "steps": int,
+"quantized_gemms": int (matmuls), "operand_stats": [names] (matmuls)}.
 """
 
 import json
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_lowp as lp
 from lightning_lowp.plugins import LowPrecision
 
 
@@ -43,8 +49,9 @@ def flat(module):
 
 
 class Compare(pl.Callback):
-    def __init__(self, path):
+    def __init__(self, path, matmuls=None, metrics=None):
         self.path = path
+        self.matmuls, self.metrics = matmuls, metrics
 
     def on_train_start(self, trainer, pl_module):
         self.initial = flat(pl_module).clone()
@@ -63,12 +70,16 @@ class Compare(pl.Callback):
                 "different_data": not torch.equal(sums[0], sums[1]),
                 "weights": weights.tolist(),
             }
+            if self.matmuls is not None:
+                result["quantized_gemms"] = sum(self.matmuls.counts.values())
+                result["operand_stats"] = sorted(self.metrics.last_layer_stats)
             with open(self.path, "w") as f:
                 json.dump(result, f)
 
 
 def main():
     path, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    matmuls = len(sys.argv) > 3 and sys.argv[3] == "matmuls"
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 8, generator=g)
@@ -77,8 +88,12 @@ def main():
         weight="fixed(8,5)", grad="fixed(8,6)", optimizer_state="bf16", master_weight="bf16",
         weight_rounding="stochastic", grad_rounding="stochastic",
     )  # fmt: skip
+    callbacks = [Compare(path)]
+    if matmuls:
+        qm, metrics = lp.QuantizeMatmuls.from_name("nvfp4"), lp.QuantizationMetrics(every_n_steps=2, accuracy=False)
+        plugin, callbacks = None, [qm, metrics, Compare(path, qm, metrics)]
     trainer = pl.Trainer(
-        strategy="ddp", accelerator="cpu", devices=2, plugins=[plugin], callbacks=[Compare(path)],
+        strategy="ddp", accelerator="cpu", devices=2, plugins=[plugin] if plugin else [], callbacks=callbacks,
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip

@@ -31,7 +31,7 @@ def test_lenet_example_end_to_end(tmp_path):
     assert "Total execution time (s):" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     runs = {r["run"]: r for r in results["runs"]}
-    assert set(runs) == {"float", "fixed8", "bfp8", "fixed8_roles", "bfp_wl1", "bfp_wl4", "bfp_wl8"}
+    assert set(runs) == {"float", "fixed8", "bfp8", "fixed8_roles", "mxfp8", "nvfp4", "bfp_wl1", "bfp_wl4", "bfp_wl8"}
     assert results["dataset"] == "fashion-mnist"
     assert results["total_seconds"] > 0
     assert all(0 <= r["test_acc"] <= 100 and r["steps"] == 2 for r in runs.values())
@@ -39,7 +39,7 @@ def test_lenet_example_end_to_end(tmp_path):
     assert runs["bfp_wl1"]["test_loss"] > 2.2
     assert (out / "sweep.png").stat().st_size > 10_000
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 7
+        assert len(list(csv.DictReader(f))) == 9
     assert "| bfp_wl8 | bfp8_sweep |" in proc.stdout
 
 

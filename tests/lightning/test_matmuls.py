@@ -305,3 +305,21 @@ def test_a_yaml_config_picks_the_recipe(tmp_path):
     cli = LightningCLI(Net, args=["--config", str(path)], run=False)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, lp.QuantizeMatmuls)]
     assert cb.settings.weight == lp.parse_format("fp8_blockwise_128x128")
+
+
+def test_from_recipe_builds_the_parts_a_recipe_sets():
+    plugins, callbacks = lp.from_recipe("bfp8")
+    assert [type(p) for p in plugins] == [lp.LowPrecision]
+    assert [type(c) for c in callbacks] == [lp.QuantizeActivations]
+    plugins, callbacks = lp.from_recipe("nvfp4", matmuls={"modules": (nn.Linear, nn.Conv2d)})
+    assert plugins == []
+    assert [type(c) for c in callbacks] == [lp.QuantizeMatmuls]
+    assert callbacks[0].module_types == (nn.Linear, nn.Conv2d)
+    lp.register_recipe("both_kinds", lp.Recipe(weight="bf16", matmul_input="mxfp8_e4m3"), overwrite=True)
+    plugins, callbacks = lp.from_recipe("both_kinds")
+    assert len(plugins) == 1
+    assert [type(c) for c in callbacks] == [lp.QuantizeMatmuls]
+    with pytest.raises(ValueError, match="sets no matmul_input"):
+        lp.from_recipe("bfp8", matmuls={"modules": (nn.Linear,)})
+    with pytest.raises(ValueError, match="unknown recipe"):
+        lp.from_recipe("fp9")
