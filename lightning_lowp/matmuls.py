@@ -364,8 +364,15 @@ def _conv_quantize(
     stack, over pixels or kernel offsets, of matrices whose rows run along dim 0 and columns
     along dim 1; ``axis`` -1 blocks along dim 1, -2 along dim 0.
     """
-    view = t.movedim((0, 1), (-2, -1))
-    return s.quantize(gemm, role, view, axis, observer).movedim((-2, -1), (0, 1))
+    fmt = s.format_for(gemm, role)
+    if isinstance(fmt, ScaledFormat) and isinstance(fmt.block, tuple):  # tiles: (dim 0 x dim 1) per pixel
+        view = t.movedim((0, 1), (-2, -1))
+        return s.quantize(gemm, role, view, axis, observer).movedim((-2, -1), (0, 1))
+    # runs and rows: the block dim moved last and made contiguous, the kernels' fastest layout
+    # (a copy at memory speed; along a strided dim they would gather every block)
+    dim = 1 if axis == -1 else 0
+    view = t.movedim(dim, -1).contiguous()
+    return s.quantize(gemm, role, view, -1, observer).movedim(-1, dim)
 
 
 class QuantizedConvFunction(torch.autograd.Function):
