@@ -5,6 +5,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/InferenceMode.h>
 #include <pybind11/pybind11.h>
@@ -364,6 +365,32 @@ void quantize_foreach_autograd(at::TensorList out, at::TensorList x, int64_t kin
   for (const at::Tensor& t : out) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// a @ b with low-precision accumulation (lightning_lowp.accumulation.matmul validates and
+// broadcasts; here the shapes are checked again, since the operator can be called directly).
+at::Tensor matmul_accumulate(const at::Tensor& a, const at::Tensor& b, int64_t kind, at::IntArrayRef params,
+                             int64_t rounding, int64_t chunk, const std::optional<at::Generator>& generator) {
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+                    "lowp::matmul_accumulate: a and b must be float32, got ", a.scalar_type(), " and ",
+                    b.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, "lowp::matmul_accumulate: a must be (B, M, K) and b (B, K, N), got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(0) == b.size(0) && a.size(2) == b.size(1),
+                    "lowp::matmul_accumulate: a (B, M, K) and b (B, K, N) do not match: ", a.sizes(), " and ",
+                    b.sizes());
+  TORCH_CHECK_VALUE(a.device() == b.device(), "lowp::matmul_accumulate: a and b must be on one device");
+  TORCH_CHECK_VALUE(kind == static_cast<int64_t>(Kind::Float),
+                    "lowp::matmul_accumulate: the accumulator must be a float format (kind 1), got kind ", kind);
+  TORCH_CHECK_VALUE(rounding >= 0 && rounding <= 5, "lowp::matmul_accumulate: rounding must be 0..5, got ", rounding);
+  TORCH_CHECK_VALUE(chunk >= 0, "lowp::matmul_accumulate: chunk must be >= 0 (0: no promotion), got ", chunk);
+  const FormatParams p = format_params(kind, params);
+  const Rounding mode = static_cast<Rounding>(rounding);
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  if (out.numel() == 0) return out;
+  const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
+  accumulate_cpu(a.contiguous(), b.contiguous(), out, p, mode, chunk, key);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lowp, m) {
@@ -372,6 +399,9 @@ TORCH_LIBRARY(lowp, m) {
   m.def(
       "quantize_foreach_(Tensor(a!)[] out, Tensor[] x, int kind, int[] params, int rounding, "
       "Generator? generator=None) -> ()");
+  m.def(
+      "matmul_accumulate(Tensor a, Tensor b, int kind, int[] params, int rounding, int chunk, "
+      "Generator? generator=None) -> Tensor");
   // The key a stochastic quantize call would draw (for tests and reference implementations).
   m.def("draw_key(Generator? generator=None) -> int", &draw_key);
 }
@@ -380,6 +410,7 @@ TORCH_LIBRARY_IMPL(lowp, CPU, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_", &quantize_);
   m.impl("quantize_foreach_", &quantize_foreach_);
+  m.impl("matmul_accumulate", &matmul_accumulate);
 }
 
 TORCH_LIBRARY_IMPL(lowp, Autograd, m) {

@@ -125,4 +125,10 @@ LOWP_HD BlockState block_state(const FormatParams& p, uint32_t max_bits, uint32_
   return s;
 }
 
+// out[i] = a[i] @ b[i] with every addition rounded once to the float format p in `mode`,
+// promoted into float32 every `chunk` products (0: never); a (B, M, K), b (B, K, N), out
+// (B, M, N), float32 and contiguous (accumulate_cpu.cpp; see add_rounded in rounding.h).
+void accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const FormatParams& p,
+                    Rounding mode, int64_t chunk, uint64_t key);
+
 }  // namespace lowp

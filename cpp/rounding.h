@@ -654,4 +654,174 @@ LOWP_HD float apply_range_saturating(uint32_t u, uint32_t mag, const Range& rang
 // Exponent of a custom float's step below its smallest normal.
 LOWP_HD int float_small_step_exponent(const FormatParams& p) { return p.subnormals ? p.emin - p.man : p.emin; }
 
+// ---- low-precision accumulation: one addition rounded once -------------------------------
+// (lightning_lowp/accumulation_reference.py is the contract; accumulate_cpu.cpp the kernel.)
+
+LOWP_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// floor(+-y * 2^c) modulo 2^32, for y = |e| >= 0 a float32, -95 <= c <= 181 and the value
+// within [-2^31, 2^31] (the exact share of e in a stochastic threshold): floor(y * 2^c), or
+// with `below` (the value -y * 2^c), -ceil(y * 2^c), as uint32 (two's complement). The
+// scaling by powers of two is exact wherever the product is at least 2^-126; below that it
+// may round, but there the floor is 0 and the ceiling 1 (y > 0) anyway. In uint32 and int32
+// only, so that it vectorises with AVX2.
+LOWP_HD uint32_t floor_scaled(float y, int c, uint32_t below) {
+  const int c1 = c > 127 ? c - 64 : c;
+  const float z = mul_rn(mul_rn(y, pow2_normal(c1)), pow2_normal(c > 127 ? 64 : 0));
+  const bool big = z >= 2147483648.0f;  // at most 2^31: exactly 2^31
+  const int32_t t = static_cast<int32_t>(big ? 0.0f : z);  // z >= 0: truncation is floor
+  const uint32_t fl = big ? kSignBit : static_cast<uint32_t>(t);
+  // z from 2^23 on is an integer, and so exactly float(t)
+  const uint32_t fraction = static_cast<uint32_t>(z > static_cast<float>(t)) & static_cast<uint32_t>(z < 2147483648.0f);
+  const uint32_t cl = fl + fraction + (static_cast<uint32_t>(fl == 0u) & static_cast<uint32_t>(bits_of(y) != 0u));
+  return below ? 0u - cl : fl;
+}
+
+// The end of one rounded addition (add_rounded and its fast path): the rounded magnitude
+// `mag` of s = fl32(acc + p) (bits u) put in the format's range, as apply_range, and the
+// special cases. s = +-Inf from finite operands: the exact sum is beyond float32, so beyond
+// f's range (Inf where f overflows to Inf and the mode rounds away, else f's largest value).
+// NaN / Inf operands: fl32(acc + p), Inf saturating where f has no Inf. An exact zero sum: s.
+// Selects on the loop-invariant overflow_inf are written as masks: GCC does not vectorise them.
+LOWP_HD float finish_sum(uint32_t mag, uint32_t u, bool operands_finite, const FormatParams& f,
+                         uint32_t round_away) {
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a_raw = u ^ sign;
+  const uint32_t max_bits = bits_of(sign ? f.max_neg : f.max_pos);
+  const uint32_t inf_mask = 0u - static_cast<uint32_t>(f.overflow_inf);
+  const uint32_t past = max_bits ^ ((max_bits ^ kInfBits) & inf_mask & (0u - round_away));
+  const uint32_t rounded = sign | (mag > max_bits ? past : mag);
+  const uint32_t keep_mask = (0u - static_cast<uint32_t>(a_raw > kInfBits)) | inf_mask;
+  const uint32_t special = (u & keep_mask) | ((sign | max_bits) & ~keep_mask);
+  const uint32_t zero_mask = 0u - static_cast<uint32_t>(a_raw == 0u);
+  const uint32_t overflow_mask = 0u - static_cast<uint32_t>(a_raw == kInfBits);
+  const uint32_t finite_mask = 0u - static_cast<uint32_t>(operands_finite);
+  uint32_t r = (rounded & ~overflow_mask) | ((sign | past) & overflow_mask);
+  r = (r & ~zero_mask) | (u & zero_mask);
+  return float_of((r & finite_mask) | (special & ~finite_mask));
+}
+
+// acc + p rounded once, from the exact sum, to the float format f in mode R (acc on f's
+// grid, p any float32; rbits: 32 random bits, Stochastic only). Exactly
+// accumulation_reference._add:
+//   * TwoSum gives s = fl32(acc + p) and the error e with s + e the exact sum (when s is
+//     finite); |e| is at most half of s's last place, so it only says whether the exact
+//     magnitude lies a little above or below |s| (round_to_step's above / below), except
+//     for stochastic rounding, whose threshold floor(2^32 * frac) takes e's exact share;
+//   * the step is the one of the exact value's binade: just below a power of two |s|, that
+//     is the binade below (with a finer step, or, under a format's smallest normal without
+//     subnormals, a coarser one);
+//   * where f's grid is float32's own around the sum (23 mantissa bits), the neighbours are
+//     |s|'s float32 neighbours, taken on the bits;
+//   * an exact zero sum is s itself (+0, or -0 for -0 + -0, as float32 rounds it); a finite
+//     sum beyond float32 (s = +-Inf) is beyond f's range: Inf or f's largest value as for a
+//     rounding; NaN / Inf operands give fl32(acc + p), Inf saturating where f has no Inf.
+template <Rounding R>
+LOWP_HD float add_rounded(float acc, float p, const FormatParams& f, uint32_t rbits) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
+  const uint32_t u = bits_of(s);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t negative = sign >> 31;
+  const uint32_t a_raw = u ^ sign;
+  const bool operands_finite = ((bits_of(acc) & ~kSignBit) < kInfBits) & ((bits_of(p) & ~kSignBit) < kInfBits);
+  // s finite and nonzero: the rounding below applies; elsewhere stand-ins (the result is set
+  // at the end). Masks on integers throughout: mixed bool types stop the vectoriser.
+  const uint32_t live_mask = 0u - static_cast<uint32_t>(a_raw - 1u < kInfBits - 1u);
+  const uint32_t a = (a_raw & live_mask) | (0x3f800000u & ~live_mask);
+  const uint32_t e_bits = bits_of(e_raw) & live_mask;
+  const uint32_t nonzero_e = (e_bits & ~kSignBit) != 0u;
+  const uint32_t below = nonzero_e & ((e_bits >> 31) ^ negative);  // (integers: bools do not vectorise here)
+  const uint32_t above = nonzero_e ^ below;
+  // The exact magnitude lies in [a - 1, a + 1] (bits); a - below is in its binade.
+  const int e_q = float_step_exponent(f, a - below);
+  const uint32_t biased = a >> 23;
+  const uint32_t m = (a & 0x7fffffu) | (biased ? 0x800000u : 0u);
+  const int e_lsb = max_int(static_cast<int>(biased), 1) - 150;
+  const int drop = e_q - e_lsb;  // >= -1; <= 0 only where f's grid is float32's
+  uint32_t mag;
+  if (R == Rounding::Stochastic) {
+    // threshold = floor(2^32 * frac) = rem * 2^(32 - drop) + floor(+-|e| * 2^(32 - e_q)), and
+    // where that is negative (rem = 0, e below) the lower neighbour is one step down and
+    // 2^32 more: the sum modulo 2^32. e != 0 only for drop <= 25 (a rounded sum is no smaller
+    // than half its larger operand, itself on the grid or coarser than half a step), where
+    // rem * 2^(32 - drop) is 0 exactly when rem is.
+    const int d = min_int(max_int(drop, 0), 25);
+    const uint32_t rem = m & ((1u << d) - 1u);
+    const uint32_t fine = rem << min_int(max_int(32 - drop, 0), 31);
+    const uint32_t tiny = m >> min_int(max_int(drop - 32, 0), 31);
+    const uint32_t positive_drop = 0u - static_cast<uint32_t>(drop > 0);
+    const uint32_t scaled = (drop <= 32 ? fine : tiny) & positive_drop;
+    const uint32_t threshold = scaled + floor_scaled(float_of(e_bits & ~kSignBit), 32 - e_q, below);
+    const uint32_t borrow = below & static_cast<uint32_t>(scaled == 0u);
+    const uint32_t inc = static_cast<uint32_t>(rbits < threshold);
+    const uint32_t on_grid = a - borrow + inc;  // drop <= 0: float32's neighbours
+    const uint32_t coarse = bits_of(scale_pow2((m >> d) - borrow + inc, min_int(e_q, 127)));
+    mag = drop <= 0 ? on_grid : coarse;
+  } else {
+    // drop <= 0: s = RN(exact) is f's nearest; the other modes move to the float32 neighbour
+    // on e's side where they round that way.
+    const float step = scale_pow2(1u, max_int(e_q, -149));
+    const float e_mag = float_of(e_bits & ~kSignBit);
+    const uint32_t tie = above & static_cast<uint32_t>(add_rn(e_mag, e_mag) == step);
+    uint32_t inc = 0u;  // relative to a - below
+    if (R == Rounding::Nearest) inc = below;
+    if (R == Rounding::NearestAway) inc = below | tie;
+    if (R == Rounding::Down) inc = negative & nonzero_e;
+    if (R == Rounding::Up) inc = (negative ^ 1u) & nonzero_e;
+    const uint32_t on_grid = a - below + inc;
+    mag = drop <= 0 ? on_grid : round_to_step<R>(a, e_q, negative, rbits, above, below);
+  }
+  return finish_sum(mag, u, operands_finite, f, may_round_away<R>(negative));
+}
+
+// add_rounded<Nearest> in fewer operations, for formats with at most 22 mantissa bits (so
+// that f's step is coarser than s's last bit wherever s is normal for f): the same bits.
+// s = fl32(acc + p) rounded to nearest even on f's grid (the bit trick of float_round from
+// f's smallest normal up, the magic-number addition below it) is the exact sum's nearest
+// except where s itself lies on a midpoint of f's grid and e != 0: there the exact sum is on
+// e's side of the midpoint. (Elsewhere |e|, under half of s's last bit, cannot cross a
+// midpoint or a grid point that decides.) `small`: make_step(float_small_step_exponent(f)).
+LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f, const Step& small) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
+  const uint32_t u = bits_of(s);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t negative = sign >> 31;
+  const uint32_t a_raw = u ^ sign;
+  const bool operands_finite = ((bits_of(acc) & ~kSignBit) < kInfBits) & ((bits_of(p) & ~kSignBit) < kInfBits);
+  const uint32_t live_mask = 0u - static_cast<uint32_t>(a_raw - 1u < kInfBits - 1u);
+  const uint32_t a = (a_raw & live_mask) | (0x3f800000u & ~live_mask);
+  const uint32_t e_bits = bits_of(e_raw) & live_mask;
+  const uint32_t nonzero_e = (e_bits & ~kSignBit) != 0u;
+  const uint32_t below = nonzero_e & ((e_bits >> 31) ^ negative);
+  const uint32_t above = nonzero_e ^ below;
+  // from f's smallest normal up: clear `cut` bits after adding half a unit (minus one, plus
+  // the last kept bit); on a midpoint with e != 0, e's side
+  const uint32_t cut = static_cast<uint32_t>(23 - f.man);  // 1..23
+  const uint32_t unit_minus_one = (1u << cut) - 1u;
+  const uint32_t last_kept = ((a >> cut) & (cut < 23 ? 1u : 0u)) | (cut == 23 ? 1u : 0u);
+  const uint32_t even = (a + (unit_minus_one >> 1) + last_kept) & ~unit_minus_one;
+  const uint32_t midpoint = static_cast<uint32_t>((a & unit_minus_one) == ((unit_minus_one >> 1) + 1u)) & nonzero_e;
+  const uint32_t normal = midpoint ? (a & ~unit_minus_one) + (above << cut) : even;
+  // below it: the constant step; |s| +- half a step is exact there (f has <= 22 mantissa bits)
+  const float mag_f = float_of(a);
+  const float rounded_small = round_nearest_below_magic(mag_f, small);
+  const float half = mul_rn(small.size, 0.5f);
+  const float off = sub_rn(mag_f, rounded_small);
+  const uint32_t midpoint_small = static_cast<uint32_t>((off == half) | (off == -half)) & nonzero_e;
+  const float sided = above ? add_rn(mag_f, half) : sub_rn(mag_f, half);
+  const uint32_t low = bits_of(midpoint_small ? sided : rounded_small);
+  const uint32_t mag = a < static_cast<uint32_t>(f.emin + 127) << 23 ? low : normal;
+  return finish_sum(mag, u, operands_finite, f, 1u);  // nearest rounds away from zero past the range
+}
+
 }  // namespace lowp

@@ -5,6 +5,7 @@ kernels in C++/CUDA, their functional and autograd API, recipes, and Lightning c
 See README.md and docs/.
 """
 
+from lightning_lowp.accumulation import matmul
 from lightning_lowp.autograd import Quantizer, quantizer
 from lightning_lowp.bundle import from_recipe
 from lightning_lowp.callbacks import QuantizeActivations
@@ -49,6 +50,7 @@ __all__ = [
     "quantize",
     "quantize_",
     "quantize_foreach_",
+    "matmul",
     "quantizer",
     "Quantizer",
     "Recipe",

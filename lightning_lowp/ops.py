@@ -19,7 +19,15 @@ import torch
 import lightning_lowp._C as _C
 from lightning_lowp.formats import OVERFLOWS, ROUNDING_MODES, SCALE_ROUNDINGS, SCALES, SPECIALS, Format
 
-__all__ = ["BUILT_WITH_CUDA", "check_vocabulary", "kernel_args", "quantize", "quantize_", "quantize_foreach_"]
+__all__ = [
+    "BUILT_WITH_CUDA",
+    "check_vocabulary",
+    "kernel_args",
+    "matmul_accumulate",
+    "quantize",
+    "quantize_",
+    "quantize_foreach_",
+]
 
 BUILT_WITH_CUDA = bool(_C.built_with_cuda)
 
@@ -100,6 +108,19 @@ def _quantize_foreach_fake(
         raise ValueError(f"lowp::quantize_foreach_: every tensor must be on one device, got {devices}")
 
 
+@torch.library.register_fake("lowp::matmul_accumulate")
+def _matmul_accumulate_fake(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kind: int,
+    params: list[int],
+    rounding: int,
+    chunk: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
 def _straight_through(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return grad, None, None, None, None
 
@@ -111,3 +132,4 @@ torch.library.register_autograd("lowp::quantize", _straight_through)
 quantize = torch.ops.lowp.quantize.default
 quantize_ = torch.ops.lowp.quantize_.default
 quantize_foreach_ = torch.ops.lowp.quantize_foreach_.default
+matmul_accumulate = torch.ops.lowp.matmul_accumulate.default

@@ -1,0 +1,105 @@
+// The accumulation kernel of accumulate_cpu.cpp, included once per instruction set into its
+// own namespace LOWP_CPU_ISA (no include guard: that is the point).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "quantize.h"
+
+namespace lowp {
+namespace LOWP_CPU_ISA {
+namespace {
+
+// The rows [row_begin, row_end) of the (B * M) x N result. Per row: one accumulator per
+// output column n, the products added k by k in a loop over n (innermost, so that it can
+// vectorise), promoted into float32 every `chunk` products (0: never).
+template <Rounding R>
+inline void accumulate_rows(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N,
+                            const FormatParams& params, int64_t chunk, uint64_t key, int64_t row_begin, int64_t row_end) {
+  const FormatParams f = params;  // a local copy: stores to the accumulators cannot alias it
+  const Step small = make_step(float_small_step_exponent(f));
+  std::vector<float> acc_buffer(static_cast<size_t>(N)), acc32_buffer(static_cast<size_t>(N));
+  float* __restrict acc = acc_buffer.data();
+  float* __restrict acc32 = acc32_buffer.data();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t batch = row / M;
+    const float* a_row = a + row * K;
+    const float* b_mat = b + batch * K * N;
+    float* __restrict out_row = out + row * N;
+    std::fill(acc, acc + N, 0.0f);
+    std::fill(acc32, acc32 + N, 0.0f);
+    // counter of (row, n, k): (row * N + n) * K + k
+    const uint64_t row_counter = static_cast<uint64_t>(row) * static_cast<uint64_t>(N) * static_cast<uint64_t>(K);
+    int64_t since_promotion = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float x = a_row[k];
+      const float* __restrict b_row = b_mat + k * N;
+      if (R == Rounding::Stochastic) {
+        const uint64_t first = row_counter + static_cast<uint64_t>(k);
+        const uint64_t last = first + static_cast<uint64_t>(N - 1) * static_cast<uint64_t>(K);
+        if ((first >> 32) == (last >> 32)) {
+          // The counters' high halves agree: 32-bit counters, which vectorise.
+          const uint32_t low = static_cast<uint32_t>(first), high = static_cast<uint32_t>(first >> 32);
+          const uint32_t stride = static_cast<uint32_t>(K);
+          for (int64_t n = 0; n < N; ++n) {
+            const uint32_t r = random_bits(key, low + static_cast<uint32_t>(n) * stride, high);
+            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, r);
+          }
+        } else {
+          for (int64_t n = 0; n < N; ++n) {
+            const uint64_t counter = first + static_cast<uint64_t>(n) * static_cast<uint64_t>(K);
+            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, random_bits(key, counter));
+          }
+        }
+      } else {
+        if (R == Rounding::Nearest && f.man <= 22) {
+          for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_fast(acc[n], mul_rn(x, b_row[n]), f, small);
+        } else {
+          for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, 0u);
+        }
+      }
+      if (chunk > 0 && ++since_promotion == chunk) {
+        since_promotion = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          acc32[n] = add_rn(acc32[n], acc[n]);
+          acc[n] = 0.0f;
+        }
+      }
+    }
+    if (chunk > 0) {
+      for (int64_t n = 0; n < N; ++n) out_row[n] = add_rn(acc32[n], acc[n]);
+    } else {
+      std::copy(acc, acc + N, out_row);
+    }
+  }
+}
+
+// Tasks of whole rows, about 2^16 products each.
+template <Rounding R>
+void accumulate_all(const float* a, const float* b, float* out, int64_t rows, int64_t M, int64_t K, int64_t N,
+                    const FormatParams& f, int64_t chunk, uint64_t key) {
+  const int64_t per_row = std::max<int64_t>(1, K * N);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_row);
+  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+    accumulate_rows<R>(a, b, out, M, K, N, f, chunk, key, lo, hi);
+  });
+}
+
+}  // namespace
+
+// One kernel, instantiated per rounding mode (compile-time dispatch).
+void accumulate(Rounding mode, const float* a, const float* b, float* out, int64_t rows, int64_t M, int64_t K,
+                int64_t N, const FormatParams& f, int64_t chunk, uint64_t key) {
+  switch (mode) {
+    case Rounding::Nearest: return accumulate_all<Rounding::Nearest>(a, b, out, rows, M, K, N, f, chunk, key);
+    case Rounding::NearestAway: return accumulate_all<Rounding::NearestAway>(a, b, out, rows, M, K, N, f, chunk, key);
+    case Rounding::TowardZero: return accumulate_all<Rounding::TowardZero>(a, b, out, rows, M, K, N, f, chunk, key);
+    case Rounding::Down: return accumulate_all<Rounding::Down>(a, b, out, rows, M, K, N, f, chunk, key);
+    case Rounding::Up: return accumulate_all<Rounding::Up>(a, b, out, rows, M, K, N, f, chunk, key);
+    case Rounding::Stochastic: return accumulate_all<Rounding::Stochastic>(a, b, out, rows, M, K, N, f, chunk, key);
+  }
+}
+
+}  // namespace LOWP_CPU_ISA
+}  // namespace lowp
