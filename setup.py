@@ -16,6 +16,13 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 with_cuda = os.environ.get("LOWP_NO_CUDA", "0") != "1" and CUDA_HOME is not None
+if with_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+    import torch
+
+    # Without it torch guesses the archs from the visible GPUs, and fails where there is none:
+    # then build for Hopper, with PTX that newer GPUs compile at load time.
+    if not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
 sources = sorted(glob.glob("cpp/*.cpp")) + (sorted(glob.glob("cpp/*.cu")) if with_cuda else [])
 extension = (CUDAExtension if with_cuda else CppExtension)(
     name="lightning_lowp._C",
