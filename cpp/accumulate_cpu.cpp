@@ -11,9 +11,6 @@
 
 #include "quantize.h"
 
-#include <cstdlib>
-#include <cstring>
-
 #define LOWP_CPU_ISA baseline
 #include "accumulate_kernels.h"
 #undef LOWP_CPU_ISA
@@ -48,18 +45,11 @@ void accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, c
   const float* a_data = a.const_data_ptr<float>();
   const float* b_data = b.const_data_ptr<float>();
   float* out_data = out.mutable_data_ptr<float>();
-#if LOWP_HAVE_X86_BUILDS
-  // LOWP_CPU_ISA=avx2 or =baseline caps the choice, as for quantize_cpu.
-  static const char* cap = std::getenv("LOWP_CPU_ISA");
-  static const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
-  static const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
-  static const bool has_avx512 = allow_avx512 && __builtin_cpu_supports("avx512f") &&
-                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512dq");
-  static const bool has_avx2 = allow_avx2 && __builtin_cpu_supports("avx2");
   const int64_t rows = batches * M;
-  if (has_avx512) return avx512::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
-  if (has_avx2) return avx2::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
+#if LOWP_HAVE_X86_BUILDS
+  const CpuIsa isa = cpu_isa();  // as for quantize_cpu
+  if (isa == CpuIsa::Avx512) return avx512::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
+  if (isa == CpuIsa::Avx2) return avx2::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
 #endif
   baseline::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
 }

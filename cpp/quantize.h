@@ -59,6 +59,11 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
 void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode,
                    uint64_t key, const BlockLayout& blocks);
 
+// The best instruction set this processor offers among the CPU kernels' builds, chosen once
+// (LOWP_CPU_ISA=avx2 or =baseline caps the choice, for benchmarks and debugging).
+enum class CpuIsa { Baseline, Avx2, Avx512 };
+CpuIsa cpu_isa();
+
 }  // namespace lowp
 
 namespace lowp {

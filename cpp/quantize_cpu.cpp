@@ -21,10 +21,8 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
 }
 #endif
 
-void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
-                  const BlockLayout& layout) {
+CpuIsa cpu_isa() {
 #if LOWP_HAVE_X86_BUILDS
-  // LOWP_CPU_ISA=avx2 or =baseline caps the choice (for benchmarks and debugging).
   static const char* cap = std::getenv("LOWP_CPU_ISA");
   static const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
   static const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
@@ -32,8 +30,18 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
                                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                                  __builtin_cpu_supports("avx512dq");
   static const bool has_avx2 = allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx512) return avx512::quantize_cpu(in, out, p, mode, key, layout);
-  if (has_avx2) return avx2::quantize_cpu(in, out, p, mode, key, layout);
+  if (has_avx512) return CpuIsa::Avx512;
+  if (has_avx2) return CpuIsa::Avx2;
+#endif
+  return CpuIsa::Baseline;
+}
+
+void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
+                  const BlockLayout& layout) {
+#if LOWP_HAVE_X86_BUILDS
+  const CpuIsa isa = cpu_isa();
+  if (isa == CpuIsa::Avx512) return avx512::quantize_cpu(in, out, p, mode, key, layout);
+  if (isa == CpuIsa::Avx2) return avx2::quantize_cpu(in, out, p, mode, key, layout);
 #endif
   baseline::quantize_cpu(in, out, p, mode, key, layout);
 }

@@ -707,6 +707,37 @@ LOWP_HD float finish_sum(uint32_t mag, uint32_t u, bool operands_finite, const F
   return float_of((r & finite_mask) | (special & ~finite_mask));
 }
 
+// acc + p as add_rounded and its fast path see it: TwoSum's s = fl32(acc + p) (bits u) and
+// its error e (s + e is the exact sum when s is finite), and where the exact magnitude lies
+// against |s|. For s finite and nonzero; elsewhere stand-ins (finish_sum sets the result).
+// Masks on integers throughout: mixed bool types stop the vectoriser.
+struct ExactSum {
+  uint32_t u;         // bits of s
+  uint32_t negative;  // s's sign bit
+  uint32_t a;         // |s|'s bits (1.0 where s is 0 or not finite)
+  uint32_t e_bits;    // e's bits (0 where s is 0 or not finite)
+  uint32_t nonzero_e, below, above;  // e != 0; the exact magnitude a little below / above |s|
+  bool operands_finite;
+};
+
+LOWP_HD ExactSum exact_sum(float acc, float p) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
+  ExactSum t;
+  t.u = bits_of(s);
+  t.negative = t.u >> 31;
+  const uint32_t a_raw = t.u & ~kSignBit;
+  t.operands_finite = ((bits_of(acc) & ~kSignBit) < kInfBits) & ((bits_of(p) & ~kSignBit) < kInfBits);
+  const uint32_t live_mask = 0u - static_cast<uint32_t>(a_raw - 1u < kInfBits - 1u);
+  t.a = (a_raw & live_mask) | (0x3f800000u & ~live_mask);
+  t.e_bits = bits_of(e_raw) & live_mask;
+  t.nonzero_e = (t.e_bits & ~kSignBit) != 0u;
+  t.below = t.nonzero_e & ((t.e_bits >> 31) ^ t.negative);
+  t.above = t.nonzero_e ^ t.below;
+  return t;
+}
+
 // acc + p rounded once, from the exact sum, to the float format f in mode R (acc on f's
 // grid, p any float32; rbits: 32 random bits, Stochastic only). Exactly
 // accumulation_reference._add:
@@ -724,22 +755,10 @@ LOWP_HD float finish_sum(uint32_t mag, uint32_t u, bool operands_finite, const F
 //     rounding; NaN / Inf operands give fl32(acc + p), Inf saturating where f has no Inf.
 template <Rounding R>
 LOWP_HD float add_rounded(float acc, float p, const FormatParams& f, uint32_t rbits) {
-  const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
-  const uint32_t u = bits_of(s);
-  const uint32_t sign = u & kSignBit;
-  const uint32_t negative = sign >> 31;
-  const uint32_t a_raw = u ^ sign;
-  const bool operands_finite = ((bits_of(acc) & ~kSignBit) < kInfBits) & ((bits_of(p) & ~kSignBit) < kInfBits);
-  // s finite and nonzero: the rounding below applies; elsewhere stand-ins (the result is set
-  // at the end). Masks on integers throughout: mixed bool types stop the vectoriser.
-  const uint32_t live_mask = 0u - static_cast<uint32_t>(a_raw - 1u < kInfBits - 1u);
-  const uint32_t a = (a_raw & live_mask) | (0x3f800000u & ~live_mask);
-  const uint32_t e_bits = bits_of(e_raw) & live_mask;
-  const uint32_t nonzero_e = (e_bits & ~kSignBit) != 0u;
-  const uint32_t below = nonzero_e & ((e_bits >> 31) ^ negative);  // (integers: bools do not vectorise here)
-  const uint32_t above = nonzero_e ^ below;
+  const ExactSum t = exact_sum(acc, p);
+  const uint32_t u = t.u, negative = t.negative, a = t.a, e_bits = t.e_bits;
+  const uint32_t nonzero_e = t.nonzero_e, below = t.below, above = t.above;
+  const bool operands_finite = t.operands_finite;
   // The exact magnitude lies in [a - 1, a + 1] (bits); a - below is in its binade.
   const int e_q = float_step_exponent(f, a - below);
   const uint32_t biased = a >> 23;
@@ -790,20 +809,10 @@ LOWP_HD float add_rounded(float acc, float p, const FormatParams& f, uint32_t rb
 // e's side of the midpoint. (Elsewhere |e|, under half of s's last bit, cannot cross a
 // midpoint or a grid point that decides.) `small`: make_step(float_small_step_exponent(f)).
 LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f, const Step& small) {
-  const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
-  const uint32_t u = bits_of(s);
-  const uint32_t sign = u & kSignBit;
-  const uint32_t negative = sign >> 31;
-  const uint32_t a_raw = u ^ sign;
-  const bool operands_finite = ((bits_of(acc) & ~kSignBit) < kInfBits) & ((bits_of(p) & ~kSignBit) < kInfBits);
-  const uint32_t live_mask = 0u - static_cast<uint32_t>(a_raw - 1u < kInfBits - 1u);
-  const uint32_t a = (a_raw & live_mask) | (0x3f800000u & ~live_mask);
-  const uint32_t e_bits = bits_of(e_raw) & live_mask;
-  const uint32_t nonzero_e = (e_bits & ~kSignBit) != 0u;
-  const uint32_t below = nonzero_e & ((e_bits >> 31) ^ negative);
-  const uint32_t above = nonzero_e ^ below;
+  const ExactSum t = exact_sum(acc, p);
+  const uint32_t u = t.u, negative = t.negative, a = t.a, e_bits = t.e_bits;
+  const uint32_t nonzero_e = t.nonzero_e, below = t.below, above = t.above;
+  const bool operands_finite = t.operands_finite;
   // from f's smallest normal up: clear `cut` bits after adding half a unit (minus one, plus
   // the last kept bit); on a midpoint with e != 0, e's side
   const uint32_t cut = static_cast<uint32_t>(23 - f.man);  // 1..23

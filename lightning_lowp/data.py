@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-__all__ = ["LeNet", "MNISTFamily", "read_idx", "DATASETS", "DEBIAN_FASHION_MNIST_DIR"]
+__all__ = ["ClassifierModule", "LeNet", "MNISTFamily", "read_idx", "DATASETS", "DEBIAN_FASHION_MNIST_DIR"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the gzipped IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -425,37 +425,13 @@ class MNISTFamily(pl.LightningDataModule):
 # ---- the model --------------------------------------------------------------------------
 
 
-class LeNet(pl.LightningModule):
-    """The seed notebook's LeNet and its SGD.
+class ClassifierModule(pl.LightningModule):
+    """The steps of an image classifier whose ``forward`` returns logits (LeNet's and ViT's).
 
-    The network: conv 1->20 k5, pool, conv 20->50 k5, pool, fc 800->500, fc 500->10, ReLU; the
-    optimizer: SGD (lr 0.05, momentum 0.9, weight decay 1e-4). ``forward`` returns logits; the
-    loss is ``F.cross_entropy``. Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``
-    and ``test/acc`` (accuracy as a fraction).
-
-    Args:
-        lr: SGD's learning rate (the seed's 0.05).
-        momentum: SGD's momentum (the seed's 0.9).
-        weight_decay: SGD's weight decay (the seed's 1e-4).
-        num_classes: the number of outputs of the last layer (logits).
+    The loss is ``F.cross_entropy``; logs ``train/loss``, ``val/loss``, ``val/acc``,
+    ``test/loss`` and ``test/acc`` (accuracy as a fraction); ``predict_step`` returns the
+    predicted classes.
     """
-
-    def __init__(
-        self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4, num_classes: int = 10
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.conv1 = nn.Conv2d(1, 20, 5, 1)
-        self.conv2 = nn.Conv2d(20, 50, 5, 1)
-        self.fc1 = nn.Linear(4 * 4 * 50, 500)
-        self.fc2 = nn.Linear(500, num_classes)
-
-    @override
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
 
     @override
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -486,6 +462,39 @@ class LeNet(pl.LightningModule):
     ) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
+
+
+class LeNet(ClassifierModule):
+    """The seed notebook's LeNet and its SGD.
+
+    The network: conv 1->20 k5, pool, conv 20->50 k5, pool, fc 800->500, fc 500->10, ReLU; the
+    optimizer: SGD (lr 0.05, momentum 0.9, weight decay 1e-4). ``forward`` returns logits; the
+    loss is ``F.cross_entropy``. Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss``
+    and ``test/acc`` (accuracy as a fraction).
+
+    Args:
+        lr: SGD's learning rate (the seed's 0.05).
+        momentum: SGD's momentum (the seed's 0.9).
+        weight_decay: SGD's weight decay (the seed's 1e-4).
+        num_classes: the number of outputs of the last layer (logits).
+    """
+
+    def __init__(
+        self, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4, num_classes: int = 10
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv1 = nn.Conv2d(1, 20, 5, 1)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.fc1 = nn.Linear(4 * 4 * 50, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
 
     @override
     def configure_optimizers(self) -> torch.optim.SGD:

@@ -20,14 +20,13 @@ The patch embedding is a ``Conv2d`` (not selected by the default ``modules=(nn.L
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
 from typing_extensions import override
+
+from lightning_lowp.data import ClassifierModule
 
 __all__ = ["ViT", "Attention", "Block"]
 
@@ -101,7 +100,7 @@ class Block(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class ViT(pl.LightningModule):
+class ViT(ClassifierModule):
     """A small vision transformer (ViT) and its AdamW.
 
     The network: a patch embedding ``patch_embed`` (``Conv2d(channels, dim, patch_size,
@@ -198,36 +197,6 @@ class ViT(pl.LightningModule):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
-
-    @override
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def _evaluate(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=True, sync_dist=True)
-        return loss
-
-    @override
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluate(batch, "val")
-
-    @override
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluate(batch, "test")
-
-    @override
-    def predict_step(
-        self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int, dataloader_idx: int = 0
-    ) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).argmax(dim=1)
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
