@@ -54,4 +54,21 @@ void accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, c
   baseline::accumulate(mode, a_data, b_data, out_data, rows, M, K, N, f, chunk, key);
 }
 
+void aligned_accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int64_t group, int bits,
+                            bool toward_zero, int64_t chunk) {
+  const int64_t batches = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  const float* a_data = a.const_data_ptr<float>();
+  const float* b_data = b.const_data_ptr<float>();
+  float* out_data = out.mutable_data_ptr<float>();
+  const int64_t rows = batches * M;
+#if LOWP_HAVE_X86_BUILDS
+  const CpuIsa isa = cpu_isa();
+  if (isa == CpuIsa::Avx512)
+    return avx512::accumulate_aligned(toward_zero, a_data, b_data, out_data, rows, M, K, N, group, bits, chunk);
+  if (isa == CpuIsa::Avx2)
+    return avx2::accumulate_aligned(toward_zero, a_data, b_data, out_data, rows, M, K, N, group, bits, chunk);
+#endif
+  baseline::accumulate_aligned(toward_zero, a_data, b_data, out_data, rows, M, K, N, group, bits, chunk);
+}
+
 }  // namespace lowp

@@ -86,6 +86,59 @@ void accumulate_all(const float* a, const float* b, float* out, int64_t rows, in
   });
 }
 
+// The tensor-core model (AlignedSum; truncate_to_step in rounding.h) on rows
+// [row_begin, row_end): per group of `group` products, a pass over the group for every
+// column's largest exponent, then one that sums the truncated terms exactly in double
+// (at most bits + log2(group + 1) <= 49 significant bits: no rounding, in any order).
+template <bool TowardZero>
+inline void aligned_rows(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N, int64_t group,
+                         int bits, int64_t chunk, int64_t row_begin, int64_t row_end) {
+  std::vector<float> acc_buffer(static_cast<size_t>(N)), acc32_buffer(static_cast<size_t>(N));
+  std::vector<int> e_buffer(static_cast<size_t>(N));
+  std::vector<double> sum_buffer(static_cast<size_t>(N));
+  float* __restrict acc = acc_buffer.data();
+  float* __restrict acc32 = acc32_buffer.data();
+  int* __restrict e_max = e_buffer.data();
+  double* __restrict sum = sum_buffer.data();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const float* a_row = a + row * K;
+    const float* b_mat = b + (row / M) * K * N;
+    std::fill(acc, acc + N, 0.0f);
+    std::fill(acc32, acc32 + N, 0.0f);
+    int64_t since_promotion = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+      const int64_t k1 = std::min(K, k0 + group);
+      for (int64_t n = 0; n < N; ++n) e_max[n] = aligned_exponent(acc[n]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const float x = a_row[k];
+        const float* __restrict b_row = b_mat + k * N;
+        for (int64_t n = 0; n < N; ++n) e_max[n] = max_int(e_max[n], aligned_exponent(mul_rn(x, b_row[n])));
+      }
+      for (int64_t n = 0; n < N; ++n) sum[n] = truncate_to_step(acc[n], e_max[n] - bits + 1);
+      for (int64_t k = k0; k < k1; ++k) {
+        const float x = a_row[k];
+        const float* __restrict b_row = b_mat + k * N;
+        for (int64_t n = 0; n < N; ++n) sum[n] += truncate_to_step(mul_rn(x, b_row[n]), e_max[n] - bits + 1);
+      }
+      for (int64_t n = 0; n < N; ++n) acc[n] = store_float32<TowardZero>(sum[n]);
+      since_promotion += k1 - k0;
+      if (chunk > 0 && since_promotion == chunk) {  // chunk is a multiple of group
+        since_promotion = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          acc32[n] = add_rn(acc32[n], acc[n]);
+          acc[n] = 0.0f;
+        }
+      }
+    }
+    float* __restrict out_row = out + row * N;
+    if (chunk > 0) {
+      for (int64_t n = 0; n < N; ++n) out_row[n] = add_rn(acc32[n], acc[n]);
+    } else {
+      std::copy(acc, acc + N, out_row);
+    }
+  }
+}
+
 }  // namespace
 
 // One kernel, instantiated per rounding mode (compile-time dispatch).
@@ -99,6 +152,19 @@ void accumulate(Rounding mode, const float* a, const float* b, float* out, int64
     case Rounding::Up: return accumulate_all<Rounding::Up>(a, b, out, rows, M, K, N, f, chunk, key);
     case Rounding::Stochastic: return accumulate_all<Rounding::Stochastic>(a, b, out, rows, M, K, N, f, chunk, key);
   }
+}
+
+// The tensor-core model, in tasks of whole rows of about 2^16 products each.
+void accumulate_aligned(bool toward_zero, const float* a, const float* b, float* out, int64_t rows, int64_t M,
+                        int64_t K, int64_t N, int64_t group, int bits, int64_t chunk) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * N));
+  at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+    if (toward_zero) {
+      aligned_rows<true>(a, b, out, M, K, N, group, bits, chunk, lo, hi);
+    } else {
+      aligned_rows<false>(a, b, out, M, K, N, group, bits, chunk, lo, hi);
+    }
+  });
 }
 
 }  // namespace LOWP_CPU_ISA

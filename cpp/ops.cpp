@@ -365,29 +365,51 @@ void quantize_foreach_autograd(at::TensorList out, at::TensorList x, int64_t kin
   for (const at::Tensor& t : out) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// a @ b with low-precision accumulation (lightning_lowp.accumulation.matmul validates and
-// broadcasts; here the shapes are checked again, since the operator can be called directly).
+// The operands of an accumulating GEMM, (B, M, K) and (B, K, N) float32 on one device
+// (lightning_lowp.accumulation validates and broadcasts; here the shapes are checked again,
+// since the operators can be called directly).
+void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t chunk) {
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, op,
+                    ": a and b must be float32, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, op, ": a must be (B, M, K) and b (B, K, N), got ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(0) == b.size(0) && a.size(2) == b.size(1), op, ": a (B, M, K) and b (B, K, N) do not match: ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": a and b must be on one device");
+  TORCH_CHECK_VALUE(chunk >= 0, op, ": chunk must be >= 0 (0: no promotion), got ", chunk);
+}
+
+// a @ b with low-precision accumulation.
 at::Tensor matmul_accumulate(const at::Tensor& a, const at::Tensor& b, int64_t kind, at::IntArrayRef params,
                              int64_t rounding, int64_t chunk, const std::optional<at::Generator>& generator) {
-  TORCH_CHECK_VALUE(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
-                    "lowp::matmul_accumulate: a and b must be float32, got ", a.scalar_type(), " and ",
-                    b.scalar_type());
-  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, "lowp::matmul_accumulate: a must be (B, M, K) and b (B, K, N), got ",
-                    a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_VALUE(a.size(0) == b.size(0) && a.size(2) == b.size(1),
-                    "lowp::matmul_accumulate: a (B, M, K) and b (B, K, N) do not match: ", a.sizes(), " and ",
-                    b.sizes());
-  TORCH_CHECK_VALUE(a.device() == b.device(), "lowp::matmul_accumulate: a and b must be on one device");
+  check_gemm_operands("lowp::matmul_accumulate", a, b, chunk);
   TORCH_CHECK_VALUE(kind == static_cast<int64_t>(Kind::Float),
                     "lowp::matmul_accumulate: the accumulator must be a float format (kind 1), got kind ", kind);
   TORCH_CHECK_VALUE(rounding >= 0 && rounding <= 5, "lowp::matmul_accumulate: rounding must be 0..5, got ", rounding);
-  TORCH_CHECK_VALUE(chunk >= 0, "lowp::matmul_accumulate: chunk must be >= 0 (0: no promotion), got ", chunk);
   const FormatParams p = format_params(kind, params);
   const Rounding mode = static_cast<Rounding>(rounding);
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   if (out.numel() == 0) return out;
   const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
   accumulate_cpu(a.contiguous(), b.contiguous(), out, p, mode, chunk, key);
+  return out;
+}
+
+// a @ b with the tensor-core accumulator (lightning_lowp.accumulators.AlignedSum).
+at::Tensor matmul_aligned(const at::Tensor& a, const at::Tensor& b, int64_t group, int64_t bits, int64_t rounding,
+                          int64_t chunk) {
+  check_gemm_operands("lowp::matmul_aligned", a, b, chunk);
+  TORCH_CHECK_VALUE(group >= 1 && group <= (1 << 16), "lowp::matmul_aligned: group must be 1..65536, got ", group);
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 32, "lowp::matmul_aligned: bits must be 2..32, got ", bits);
+  TORCH_CHECK_VALUE(rounding == static_cast<int64_t>(Rounding::Nearest) ||
+                        rounding == static_cast<int64_t>(Rounding::TowardZero),
+                    "lowp::matmul_aligned: rounding must be 0 (nearest) or 2 (toward_zero), got ", rounding);
+  TORCH_CHECK_VALUE(chunk % group == 0, "lowp::matmul_aligned: chunk (", chunk, ") must be a multiple of group (",
+                    group, ")");
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  if (out.numel() == 0) return out;
+  aligned_accumulate_cpu(a.contiguous(), b.contiguous(), out, group, static_cast<int>(bits),
+                         rounding == static_cast<int64_t>(Rounding::TowardZero), chunk);
   return out;
 }
 
@@ -403,6 +425,7 @@ TORCH_LIBRARY(lowp, m) {
       "matmul_accumulate(Tensor a, Tensor b, int kind, int[] params, int rounding, int chunk, "
       "Generator? generator=None) -> Tensor");
   // The key a stochastic quantize call would draw (for tests and reference implementations).
+  m.def("matmul_aligned(Tensor a, Tensor b, int group, int bits, int rounding, int chunk) -> Tensor");
   m.def("draw_key(Generator? generator=None) -> int", &draw_key);
 }
 
@@ -411,6 +434,7 @@ TORCH_LIBRARY_IMPL(lowp, CPU, m) {
   m.impl("quantize_", &quantize_);
   m.impl("quantize_foreach_", &quantize_foreach_);
   m.impl("matmul_accumulate", &matmul_accumulate);
+  m.impl("matmul_aligned", &matmul_aligned);
 }
 
 TORCH_LIBRARY_IMPL(lowp, Autograd, m) {

@@ -135,5 +135,8 @@ LOWP_HD BlockState block_state(const FormatParams& p, uint32_t max_bits, uint32_
 // (B, M, N), float32 and contiguous (accumulate_cpu.cpp; see add_rounded in rounding.h).
 void accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const FormatParams& p,
                     Rounding mode, int64_t chunk, uint64_t key);
+// The same with the tensor-core accumulator (AlignedSum; aligned_rows in accumulate_kernels.h).
+void aligned_accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int64_t group, int bits,
+                            bool toward_zero, int64_t chunk);
 
 }  // namespace lowp

@@ -833,4 +833,45 @@ LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f
   return finish_sum(mag, u, operands_finite, f, 1u);  // nearest rounds away from zero past the range
 }
 
+// The tensor-core accumulator (lightning_lowp.accumulators.AlignedSum; the contract is
+// accumulation_reference.reference_aligned_matmul). Per group of products, the accumulator
+// and the products are aligned to the largest exponent among them, each truncated toward
+// zero to `bits` bits from that exponent down, summed exactly and stored into float32.
+
+// The exponent floor(log2|x|) of a nonzero finite float; kNoExponent for zeros, Inf and NaN
+// (which take no part in the alignment).
+constexpr int kNoExponent = -1000;
+LOWP_HD int aligned_exponent(float x) {
+  const uint32_t a = bits_of(x) & ~kSignBit;
+  return (a == 0u || a >= kInfBits) ? kNoExponent : exponent_of(a);
+}
+
+// x truncated toward zero to a multiple of 2^q, exactly (a float: the bits below 2^q of its
+// significand cleared; the sign kept, so a negative x under 2^q becomes -0). Zeros, Inf and
+// NaN pass unchanged.
+LOWP_HD float truncate_to_step(float x, int q) {
+  const uint32_t u = bits_of(x), a = u & ~kSignBit;
+  const uint32_t biased = a >> 23;
+  const int cut = q - (max_int(static_cast<int>(biased), 1) - 150);  // bits of a below 2^q
+  const uint32_t kept = cut >= 24 ? 0u : a & (0xffffffffu << max_int(cut, 0));
+  const uint32_t normal_gone = static_cast<uint32_t>(biased != 0u && cut > 23);
+  const uint32_t mag = (a >= kInfBits || cut <= 0) ? a : (normal_gone ? 0u : kept);
+  return float_of((u & kSignBit) | mag);
+}
+
+// The exact sum s (a double) stored into float32, rounded to nearest even or toward zero.
+template <bool TowardZero>
+LOWP_HD float store_float32(double s) {
+#if defined(__CUDA_ARCH__)
+  return TowardZero ? __double2float_rz(s) : __double2float_rn(s);
+#else
+  const float f = static_cast<float>(s);  // to nearest even (Inf past the range)
+  if (!TowardZero) return f;
+  const double f_mag = f < 0.0f ? -static_cast<double>(f) : static_cast<double>(f);
+  const double s_mag = s < 0.0 ? -s : s;
+  // One float32 step toward zero where nearest rounded the magnitude up (Inf: to the largest).
+  return f_mag > s_mag ? float_of(bits_of(f) - 1u) : f;
+#endif
+}
+
 }  // namespace lowp

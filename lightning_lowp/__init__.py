@@ -6,6 +6,7 @@ See README.md and docs/.
 """
 
 from lightning_lowp.accumulation import matmul
+from lightning_lowp.accumulators import Accumulation, AlignedSum
 from lightning_lowp.autograd import Quantizer, quantizer
 from lightning_lowp.bundle import from_recipe
 from lightning_lowp.callbacks import QuantizeActivations
@@ -51,6 +52,8 @@ __all__ = [
     "quantize_",
     "quantize_foreach_",
     "matmul",
+    "Accumulation",
+    "AlignedSum",
     "quantizer",
     "Quantizer",
     "Recipe",

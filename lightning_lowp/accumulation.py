@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from lightning_lowp import ops
-from lightning_lowp.accumulation_reference import check_accumulator
-from lightning_lowp.formats import ROUNDING_MODES, FloatingPoint, FormatLike, check_rounding
+from lightning_lowp.accumulators import Accumulation, AccumulatorLike, AlignedSum
+from lightning_lowp.formats import ROUNDING_MODES
 
-__all__ = ["matmul"]
+__all__ = ["matmul", "accumulate_gemm"]
 
 
 def _check_operand(x: object, name: str) -> torch.Tensor:
@@ -44,25 +44,42 @@ def _check_operand(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def _check_chunk(chunk: object) -> int:
-    if chunk is None:
-        return 0
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-    return chunk
+def _check_operands(a_arg: object, b_arg: object) -> None:
+    a = _check_operand(a_arg, "a")
+    b = _check_operand(b_arg, "b")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"a (..., M, K) and b (..., K, N) must have the same K, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dims of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} do not broadcast"
+        ) from None
 
 
-def _accumulate(
-    a: torch.Tensor, b: torch.Tensor, fmt: FloatingPoint, mode: int, chunk: int, generator: torch.Generator | None
+def accumulate_gemm(
+    a: torch.Tensor, b: torch.Tensor, accumulation: Accumulation, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The operator on a (..., M, K) and b (..., K, N), batch dims broadcast: (*batch, M, N) float32."""
+    """``a @ b`` accumulated as ``accumulation`` says, without autograd: (*batch, M, N) float32.
+
+    ``a`` is (..., M, K), ``b`` (..., K, N), batch dims broadcast; both are taken as float32.
+    """
+    _check_operands(a, b)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     count = math.prod(batch)
-    a3 = a.to(torch.float32).expand(*batch, m, k).reshape(count, m, k).contiguous()
-    b3 = b.to(torch.float32).expand(*batch, k, n).reshape(count, k, n).contiguous()
-    kind, params = ops.kernel_args(fmt)
-    out = ops.matmul_accumulate(a3, b3, kind, params, mode, chunk, generator)
+    a3 = a.detach().to(torch.float32).expand(*batch, m, k).reshape(count, m, k).contiguous()
+    b3 = b.detach().to(torch.float32).expand(*batch, k, n).reshape(count, k, n).contiguous()
+    mode = ROUNDING_MODES.index(accumulation.rounding)
+    chunk = accumulation.chunk or 0
+    acc = accumulation.accumulate
+    if isinstance(acc, AlignedSum):
+        out = ops.matmul_aligned(a3, b3, acc.group, acc.bits, mode, chunk)
+    else:
+        kind, params = ops.kernel_args(acc)
+        out = ops.matmul_accumulate(a3, b3, kind, params, mode, chunk, generator)
     return out.reshape(*batch, m, n)
 
 
@@ -71,37 +88,31 @@ class _MatmulAccumulateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        fmt: FloatingPoint,
-        mode: int,
-        chunk: int,
-        generator: torch.Generator | None,
+        ctx: Any, a: torch.Tensor, b: torch.Tensor, accumulation: Accumulation, generator: torch.Generator | None
     ) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        ctx.settings = (fmt, mode, chunk, generator)
-        return _accumulate(a, b, fmt, mode, chunk, generator)
+        ctx.settings = (accumulation, generator)
+        return accumulate_gemm(a, b, accumulation, generator)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, b = ctx.saved_tensors
-        fmt, mode, chunk, generator = ctx.settings
+        accumulation, generator = ctx.settings
         da = db = None
         if ctx.needs_input_grad[0]:
-            da = _accumulate(dy, b.transpose(-2, -1), fmt, mode, chunk, generator)
+            da = accumulate_gemm(dy, b.transpose(-2, -1), accumulation, generator)
             da = da.sum_to_size(a.shape).to(a.dtype)
         if ctx.needs_input_grad[1]:
-            db = _accumulate(a.transpose(-2, -1), dy, fmt, mode, chunk, generator)
+            db = accumulate_gemm(a.transpose(-2, -1), dy, accumulation, generator)
             db = db.sum_to_size(b.shape).to(b.dtype)
-        return da, db, None, None, None, None
+        return da, db, None, None
 
 
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
-    accumulate: FormatLike | None = None,
+    accumulate: AccumulatorLike | None = None,
     accumulate_rounding: str = "nearest",
     chunk: int | None = None,
     generator: torch.Generator | None = None,
@@ -112,10 +123,14 @@ def matmul(
         a: (..., M, K), a floating-point CPU tensor (computed as float32).
         b: (K, N) or (..., K, N), a floating-point CPU tensor; batch dims broadcast as in
             ``torch.matmul``.
-        accumulate: the accumulator's float format (``FloatingPoint`` or a spec such as
-            ``"fp16"``, ``"bf16"``, ``"fp8_e4m3"``); ``None``: plain ``torch.matmul``.
-        accumulate_rounding: the rounding mode of every addition (one of ``lp.ROUNDING_MODES``).
-        chunk: promote the accumulator into float32 every ``chunk`` products; ``None``: never.
+        accumulate: the accumulator: a float format (``FloatingPoint`` or a spec such as
+            ``"fp16"``, ``"bf16"``, ``"fp8_e4m3"``), every addition rounded to it; or the
+            tensor-core model ``lp.AlignedSum(group, bits)`` (spec ``"aligned(g,b)"``);
+            ``None``: plain ``torch.matmul``.
+        accumulate_rounding: the rounding mode of every addition (one of ``lp.ROUNDING_MODES``);
+            for an ``AlignedSum``, of its store into float32 (``"nearest"`` or ``"toward_zero"``).
+        chunk: promote the accumulator into float32 every ``chunk`` products; ``None``: never
+            (for an ``AlignedSum``, a multiple of its group).
         generator: the CPU generator stochastic rounding draws its keys from (torch's default
             when ``None``).
 
@@ -128,23 +143,9 @@ def matmul(
     """
     if accumulate is None:
         return torch.matmul(a, b)
-    fmt = check_accumulator(accumulate, "accumulate")
-    check_rounding(accumulate_rounding, "accumulate_rounding")
-    chunk_len = _check_chunk(chunk)
-    _check_operand(a, "a")
-    _check_operand(b, "b")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(
-            f"a (..., M, K) and b (..., K, N) must have the same K, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    try:
-        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"the batch dims of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} do not broadcast"
-        ) from None
-    mode = ROUNDING_MODES.index(accumulate_rounding)
+    accumulation = Accumulation(accumulate, accumulate_rounding, chunk)
+    _check_operands(a, b)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        out: torch.Tensor = _MatmulAccumulateFunction.apply(a, b, fmt, mode, chunk_len, generator)
+        out: torch.Tensor = _MatmulAccumulateFunction.apply(a, b, accumulation, generator)
         return out
-    return _accumulate(a.detach(), b.detach(), fmt, mode, chunk_len, generator)
+    return accumulate_gemm(a, b, accumulation, generator)

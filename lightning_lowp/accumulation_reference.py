@@ -8,6 +8,11 @@ lose a small addend next to a large one). With ``chunk=c`` the accumulator is ad
 float32 accumulator (rounded to nearest) every ``c`` products and reset to zero (promotion,
 as in DeepSeek-V3's N_C = 128). Slow and obviously correct: the kernels are held to it.
 
+With ``accumulate=AlignedSum(group, bits)`` (the tensor-core model, see
+``lightning_lowp.accumulators``) the products are taken ``group`` at a time instead
+(``_aligned_group``: align to the largest exponent, truncate to ``bits`` bits, sum exactly,
+round to float32 in ``accumulate_rounding``); promotion happens after whole groups.
+
 Conventions the kernels follow:
 
 * the random bits of the addition of product k into output element (m, n) of an M x N
@@ -31,28 +36,11 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from lightning_lowp.formats import FloatingPoint, FormatLike, as_format, check_rounding
+from lightning_lowp.accumulators import FLOAT32, Accumulation, AccumulatorLike, AlignedSum
+from lightning_lowp.formats import FloatingPoint
 from lightning_lowp.reference import random_bits
 
-__all__ = ["reference_matmul", "round_exact", "check_accumulator", "FLOAT32"]
-
-#: float32 as a FloatingPoint: the promotion accumulator.
-FLOAT32 = FloatingPoint(8, 23)
-
-
-def check_accumulator(fmt: FormatLike, argument: str = "accumulate") -> FloatingPoint:
-    """The accumulator format parsed, or a ValueError naming ``argument``.
-
-    An accumulator is a float (``FloatingPoint``): a fixed-point, block or scaled format has
-    no per-addition meaning here.
-    """
-    parsed = as_format(fmt, argument)
-    if not isinstance(parsed, FloatingPoint):
-        raise ValueError(
-            f"{argument}={parsed} is not a float format; an accumulator is a FloatingPoint "
-            "(e.g. 'fp16', 'bf16', 'fp8_e4m3', 'float(5,9)')"
-        )
-    return parsed
+__all__ = ["reference_matmul", "round_exact"]
 
 
 def _floor_log2(v: Fraction) -> int:
@@ -132,10 +120,36 @@ def _f32(x: float) -> float:
         return float(np.float32(x))
 
 
+def _aligned_group(acc: float, products: list[float], group: AlignedSum, rounding: str) -> float:
+    """One group of the tensor-core accumulator (``AlignedSum``): the new float32 accumulator.
+
+    The accumulator and the products are aligned to the largest exponent ``e`` among the
+    nonzero finite ones, truncated toward zero to multiples of ``2**(e - bits + 1)``, summed
+    exactly, and the sum rounded to float32. A zero sum is -0 only when every term is -0
+    (as in IEEE addition; a negative term truncated to zero counts as -0). Inf and NaN
+    propagate as in a float32 sum.
+    """
+    terms = [acc, *products]
+    special = [t for t in terms if not math.isfinite(t)]
+    if special:
+        return sum(special, 0.0)  # Inf, or NaN for NaN or Inf - Inf
+    nonzero = [t for t in terms if t != 0]
+    if not nonzero:
+        return -0.0 if all(math.copysign(1.0, t) < 0 for t in terms) else 0.0
+    e = max(_floor_log2(abs(Fraction(t))) for t in nonzero)
+    step = Fraction(2) ** (e - group.bits + 1)
+    truncated = [math.trunc(Fraction(t) / step) * step for t in terms]
+    total = sum(truncated, Fraction(0))
+    if total == 0:
+        negative_zero = all(v == 0 and math.copysign(1.0, t) < 0 for v, t in zip(truncated, terms, strict=True))
+        return -0.0 if negative_zero else 0.0
+    return round_exact(total, FLOAT32, rounding)
+
+
 def reference_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
-    accumulate: FormatLike,
+    accumulate: AccumulatorLike,
     accumulate_rounding: str = "nearest",
     chunk: int | None = None,
     key: int = 0,
@@ -145,18 +159,15 @@ def reference_matmul(
     Args:
         a: (..., M, K), float32 values.
         b: (K, N) or (..., K, N), float32 values (broadcast as in ``torch.matmul``).
-        accumulate: the accumulator's float format.
-        accumulate_rounding: the rounding mode of every addition.
+        accumulate: the accumulator's float format, or an ``AlignedSum``.
+        accumulate_rounding: the rounding mode of every addition (of an ``AlignedSum``'s store).
         chunk: promote into a float32 accumulator every ``chunk`` products; ``None``: never.
         key: the stochastic-rounding key.
 
     Returns:
         A float32 tensor (..., M, N).
     """
-    fmt = check_accumulator(accumulate)
-    check_rounding(accumulate_rounding, "accumulate_rounding")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    acc_fmt = Accumulation(accumulate, accumulate_rounding, chunk).accumulate  # checks all three
     a3 = a.detach().to(torch.float32).cpu()
     b3 = b.detach().to(torch.float32).cpu()
     batch = torch.broadcast_shapes(a3.shape[:-2], b3.shape[:-2])
@@ -172,12 +183,20 @@ def reference_matmul(
         for m in range(m_rows):
             for n in range(n_cols):
                 row = (i * m_rows + m) * n_cols + n
+                # fl32(a * b): exact in float64, then rounded to float32
+                products = [_f32(av[i, m, k] * bv[i, k, n]) for k in range(k_len)]
                 acc, acc32 = 0.0, 0.0
-                for k in range(k_len):
-                    p = _f32(av[i, m, k] * bv[i, k, n])  # exact in float64, then rounded to float32
-                    r = int(rbits[row * k_len + k]) if rbits is not None else 0
-                    acc = _add(acc, p, fmt, accumulate_rounding, r)
-                    if chunk is not None and (k + 1) % chunk == 0:
-                        acc32, acc = _add(acc32, acc, FLOAT32, "nearest", 0), 0.0
+                if isinstance(acc_fmt, AlignedSum):
+                    step = acc_fmt.group
+                    for k0 in range(0, k_len, step):
+                        acc = _aligned_group(acc, products[k0 : k0 + step], acc_fmt, accumulate_rounding)
+                        if chunk is not None and (k0 + step) % chunk == 0:
+                            acc32, acc = _add(acc32, acc, FLOAT32, "nearest", 0), 0.0
+                else:
+                    for k, p in enumerate(products):
+                        r = int(rbits[row * k_len + k]) if rbits is not None else 0
+                        acc = _add(acc, p, acc_fmt, accumulate_rounding, r)
+                        if chunk is not None and (k + 1) % chunk == 0:
+                            acc32, acc = _add(acc32, acc, FLOAT32, "nearest", 0), 0.0
                 out[i, m, n] = _add(acc32, acc, FLOAT32, "nearest", 0) if chunk is not None else acc
     return out.reshape(*batch, m_rows, n_cols)

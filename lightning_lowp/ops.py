@@ -24,6 +24,7 @@ __all__ = [
     "check_vocabulary",
     "kernel_args",
     "matmul_accumulate",
+    "matmul_aligned",
     "quantize",
     "quantize_",
     "quantize_foreach_",
@@ -121,6 +122,13 @@ def _matmul_accumulate_fake(
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
 
 
+@torch.library.register_fake("lowp::matmul_aligned")
+def _matmul_aligned_fake(
+    a: torch.Tensor, b: torch.Tensor, group: int, bits: int, rounding: int, chunk: int
+) -> torch.Tensor:
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+
+
 def _straight_through(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return grad, None, None, None, None
 
@@ -133,3 +141,4 @@ quantize = torch.ops.lowp.quantize.default
 quantize_ = torch.ops.lowp.quantize_.default
 quantize_foreach_ = torch.ops.lowp.quantize_foreach_.default
 matmul_accumulate = torch.ops.lowp.matmul_accumulate.default
+matmul_aligned = torch.ops.lowp.matmul_aligned.default

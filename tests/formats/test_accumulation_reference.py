@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lightning_lowp as lp
-from lightning_lowp.accumulation_reference import check_accumulator, reference_matmul
+from lightning_lowp.accumulation_reference import reference_matmul
+from lightning_lowp.accumulators import check_accumulator
 
 MODES = list(lp.ROUNDING_MODES)
 

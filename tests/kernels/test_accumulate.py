@@ -13,7 +13,8 @@ import torch
 from helpers import same_bits
 
 import lightning_lowp as lp
-from lightning_lowp.accumulation_reference import check_accumulator, reference_matmul
+from lightning_lowp.accumulation_reference import reference_matmul
+from lightning_lowp.accumulators import check_accumulator
 
 # the reference computes Inf * 0 (NaN) in numpy on the "specials" inputs
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
