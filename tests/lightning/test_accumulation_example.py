@@ -33,6 +33,7 @@ def test_readme_block_is_the_only_change(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- accumulation-tables:start -->\nold\n<!-- accumulation-tables:end -->\ntail\n")
+    start, end = "<!-- accumulation-tables:start -->\n", "<!-- accumulation-tables:end -->\n"
+    readme.write_text(f"intro\n{start}old\n{end}tail\n")
     module.rewrite_readme(readme, "| new |\n")
-    assert readme.read_text() == "intro\n<!-- accumulation-tables:start -->\n| new |\n<!-- accumulation-tables:end -->\ntail\n"
+    assert readme.read_text() == f"intro\n{start}| new |\n{end}tail\n"
