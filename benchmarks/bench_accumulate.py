@@ -1,5 +1,6 @@
-"""Low-precision accumulation throughput: lp.matmul with every addition rounded to fp16,
-against torch.matmul in float32 measured in the same run.
+"""Low-precision accumulation throughput: lp.matmul with every addition rounded to fp16, and
+with the tensor-core accumulator lp.AlignedSum(32, 14), against torch.matmul in float32
+measured in the same run.
 
     python benchmarks/bench_accumulate.py                  # (256 x 1024) @ (1024 x 256)
     python benchmarks/bench_accumulate.py --m 512 --k 4096 --n 512 --repeats 5
@@ -57,6 +58,10 @@ def main() -> None:
         ("lp.matmul", f"{acc} nearest", "128"): lambda: lp.matmul(a, b, acc, chunk=128),
         ("lp.matmul", f"{acc} stochastic", "None"): lambda: lp.matmul(a, b, acc, "stochastic"),
         ("lp.matmul", f"{acc} stochastic", "128"): lambda: lp.matmul(a, b, acc, "stochastic", chunk=128),
+        ("lp.matmul", "aligned(32,14) toward_zero", "None"): lambda: lp.matmul(a, b, "aligned(32,14)", "toward_zero"),
+        ("lp.matmul", "aligned(32,14) toward_zero", "128"): lambda: lp.matmul(
+            a, b, "aligned(32,14)", "toward_zero", chunk=128
+        ),
     }
     seconds = median_seconds(ops, args.repeats)
     flops = 2 * args.m * args.k * args.n

@@ -12,13 +12,13 @@ namespace LOWP_CPU_ISA {
 namespace {
 
 // The rows [row_begin, row_end) of the (B * M) x N result. Per row: one accumulator per
-// output column n, the products added k by k in a loop over n (innermost, so that it can
-// vectorise), promoted into float32 every `chunk` products (0: never).
-template <Rounding R>
-inline void accumulate_rows(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N,
-                            const FormatParams& params, int64_t chunk, uint64_t key, int64_t row_begin, int64_t row_end) {
-  const FormatParams f = params;  // a local copy: stores to the accumulators cannot alias it
-  const Step small = make_step(float_small_step_exponent(f));
+// output column n, the products added k by k by add_products(acc, x, b_row,
+// first), which loops over n (innermost, so that it can vectorise; `first` is the random-bit
+// counter of column 0, (row * N) * K + k), promoted into float32 every `chunk` products (0:
+// never).
+template <typename AddProducts>
+inline void accumulate_rows(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N, int64_t chunk,
+                            int64_t row_begin, int64_t row_end, AddProducts add_products) {
   std::vector<float> acc_buffer(static_cast<size_t>(N)), acc32_buffer(static_cast<size_t>(N));
   float* __restrict acc = acc_buffer.data();
   float* __restrict acc32 = acc32_buffer.data();
@@ -29,36 +29,10 @@ inline void accumulate_rows(const float* a, const float* b, float* out, int64_t 
     float* __restrict out_row = out + row * N;
     std::fill(acc, acc + N, 0.0f);
     std::fill(acc32, acc32 + N, 0.0f);
-    // counter of (row, n, k): (row * N + n) * K + k
     const uint64_t row_counter = static_cast<uint64_t>(row) * static_cast<uint64_t>(N) * static_cast<uint64_t>(K);
     int64_t since_promotion = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const float x = a_row[k];
-      const float* __restrict b_row = b_mat + k * N;
-      if (R == Rounding::Stochastic) {
-        const uint64_t first = row_counter + static_cast<uint64_t>(k);
-        const uint64_t last = first + static_cast<uint64_t>(N - 1) * static_cast<uint64_t>(K);
-        if ((first >> 32) == (last >> 32)) {
-          // The counters' high halves agree: 32-bit counters, which vectorise.
-          const uint32_t low = static_cast<uint32_t>(first), high = static_cast<uint32_t>(first >> 32);
-          const uint32_t stride = static_cast<uint32_t>(K);
-          for (int64_t n = 0; n < N; ++n) {
-            const uint32_t r = random_bits(key, low + static_cast<uint32_t>(n) * stride, high);
-            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, r);
-          }
-        } else {
-          for (int64_t n = 0; n < N; ++n) {
-            const uint64_t counter = first + static_cast<uint64_t>(n) * static_cast<uint64_t>(K);
-            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, random_bits(key, counter));
-          }
-        }
-      } else {
-        if (R == Rounding::Nearest && f.man <= 22) {
-          for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_fast(acc[n], mul_rn(x, b_row[n]), f, small);
-        } else {
-          for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, 0u);
-        }
-      }
+      add_products(acc, a_row[k], b_mat + k * N, row_counter + static_cast<uint64_t>(k));
       if (chunk > 0 && ++since_promotion == chunk) {
         since_promotion = 0;
         for (int64_t n = 0; n < N; ++n) {
@@ -75,6 +49,58 @@ inline void accumulate_rows(const float* a, const float* b, float* out, int64_t 
   }
 }
 
+// The rows in mode R: nearest by the fewest operations that apply to f (the same bits:
+// add_rounded_nearest_odd_wide, add_rounded_nearest_odd, add_rounded_nearest_fast), the
+// other modes by add_rounded.
+template <Rounding R>
+inline void accumulate_rows_in(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N,
+                               const FormatParams& params, int64_t chunk, uint64_t key, int64_t row_begin,
+                               int64_t row_end) {
+  const FormatParams f = params;  // a local copy: stores to the accumulators cannot alias it
+  if (R == Rounding::Nearest) {
+    const Step small = make_step(float_small_step_exponent(f));
+    const uint32_t cut = static_cast<uint32_t>(23 - f.man);
+    const bool wide = f.man <= 21 && has_float32_range(f), odd = nearest_odd_applies(f), fast = f.man <= 22;
+    accumulate_rows(a, b, out, M, K, N, chunk, row_begin, row_end,
+                    [&](float* __restrict acc, float x, const float* __restrict b_row, uint64_t) {
+                      if (wide) {
+                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_odd_wide(acc[n], mul_rn(x, b_row[n]), cut);
+                      } else if (odd) {
+                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_odd(acc[n], mul_rn(x, b_row[n]), f, small);
+                      } else if (fast) {
+                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_fast(acc[n], mul_rn(x, b_row[n]), f, small);
+                      } else {
+                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, 0u);
+                      }
+                    });
+    return;
+  }
+  accumulate_rows(
+      a, b, out, M, K, N, chunk, row_begin, row_end,
+      [&](float* __restrict acc, float x, const float* __restrict b_row, uint64_t first) {
+        if (R != Rounding::Stochastic) {
+          for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, 0u);
+          return;
+        }
+        // counter of (row, n, k): (row * N + n) * K + k = first + n * K
+        const uint64_t last = first + static_cast<uint64_t>(N - 1) * static_cast<uint64_t>(K);
+        if ((first >> 32) == (last >> 32)) {
+          // The counters' high halves agree: 32-bit counters, which vectorise.
+          const uint32_t low = static_cast<uint32_t>(first), high = static_cast<uint32_t>(first >> 32);
+          const uint32_t stride = static_cast<uint32_t>(K);
+          for (int64_t n = 0; n < N; ++n) {
+            const uint32_t r = random_bits(key, low + static_cast<uint32_t>(n) * stride, high);
+            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, r);
+          }
+        } else {
+          for (int64_t n = 0; n < N; ++n) {
+            const uint64_t counter = first + static_cast<uint64_t>(n) * static_cast<uint64_t>(K);
+            acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, random_bits(key, counter));
+          }
+        }
+      });
+}
+
 // Tasks of whole rows, about 2^16 products each.
 template <Rounding R>
 void accumulate_all(const float* a, const float* b, float* out, int64_t rows, int64_t M, int64_t K, int64_t N,
@@ -82,7 +108,7 @@ void accumulate_all(const float* a, const float* b, float* out, int64_t rows, in
   const int64_t per_row = std::max<int64_t>(1, K * N);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_row);
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    accumulate_rows<R>(a, b, out, M, K, N, f, chunk, key, lo, hi);
+    accumulate_rows_in<R>(a, b, out, M, K, N, f, chunk, key, lo, hi);
   });
 }
 

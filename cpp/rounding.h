@@ -833,6 +833,53 @@ LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f
   return finish_sum(mag, u, operands_finite, f, 1u);  // nearest rounds away from zero past the range
 }
 
+// add_rounded<Nearest> in the fewest operations, for formats with at most 21 mantissa bits
+// and a smallest step of at least 2^-147: the exact sum rounded to odd on float32's grid
+// (|s|, one step toward zero where the exact sum lies below it, with the last bit set where
+// it is inexact) keeps two bits below f's last one and a sticky bit, so rounding it to
+// nearest even on f's grid rounds the exact sum (the round-to-odd theorem, Boldo and
+// Melquiond 2008): on the bits from f's smallest normal up, by the magic-number addition
+// below it. `small`: make_step(float_small_step_exponent(f)).
+LOWP_HD float add_rounded_nearest_odd(float acc, float p, const FormatParams& f, const Step& small) {
+  const ExactSum t = exact_sum(acc, p);
+  const uint32_t odd = (t.a - t.below) | t.nonzero_e;
+  const uint32_t cut = static_cast<uint32_t>(23 - f.man);  // 2..23
+  const uint32_t unit_minus_one = (1u << cut) - 1u;
+  const uint32_t even = (odd + (unit_minus_one >> 1) + ((odd >> cut) & 1u)) & ~unit_minus_one;
+  const uint32_t low = bits_of(round_nearest_below_magic(float_of(odd), small));
+  const uint32_t mag = odd < static_cast<uint32_t>(f.emin + 127) << 23 ? low : even;
+  return finish_sum(mag, t.u, t.operands_finite, f, 1u);  // nearest rounds away from zero past the range
+}
+
+LOWP_HD bool nearest_odd_applies(const FormatParams& f) {
+  return f.man <= 21 && float_small_step_exponent(f) >= -147;
+}
+
+// Whether f has float32's range: 8 exponent bits with subnormals and Inf (bf16, float(8,m)),
+// so that its grid is float32's bits with the low 23 - man cleared, all the way down.
+LOWP_HD bool has_float32_range(const FormatParams& f) {
+  const uint32_t largest = kInfBits - (1u << (23 - f.man));
+  return f.emin == -126 && f.subnormals && f.overflow_inf && bits_of(f.max_pos) == largest &&
+         bits_of(f.max_neg) == largest;
+}
+
+// add_rounded_nearest_odd for a format with float32's range (has_float32_range, man <= 21):
+// ties to even on the bits of the exact sum rounded to odd, sign and all (the sign bit is not
+// reached: the largest magnitude rounds to Inf's bits); overflow of the sum rounds to Inf as
+// the format does, and Inf and NaN pass.
+LOWP_HD float add_rounded_nearest_odd_wide(float acc, float p, uint32_t cut) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const uint32_t u = bits_of(s), e_bits = bits_of(e);
+  const uint32_t inexact = static_cast<uint32_t>((e_bits & ~kSignBit) != 0u);
+  const uint32_t below = inexact & ((e_bits ^ u) >> 31);
+  const uint32_t odd = (u - below) | inexact;  // sign and magnitude: u - 1 is one step toward zero
+  const uint32_t unit_minus_one = (1u << cut) - 1u;
+  const uint32_t even = (odd + (unit_minus_one >> 1) + ((odd >> cut) & 1u)) & ~unit_minus_one;
+  return (u & ~kSignBit) < kInfBits ? float_of(even) : s;
+}
+
 // The tensor-core accumulator (lightning_lowp.accumulators.AlignedSum; the contract is
 // accumulation_reference.reference_aligned_matmul). Per group of products, the accumulator
 // and the products are aligned to the largest exponent among them, each truncated toward

@@ -74,7 +74,7 @@ def accumulate_gemm(
     b3 = b.detach().to(torch.float32).expand(*batch, k, n).reshape(count, k, n).contiguous()
     mode = ROUNDING_MODES.index(accumulation.rounding)
     chunk = accumulation.chunk or 0
-    acc = accumulation.accumulate
+    acc = accumulation.accumulator
     if isinstance(acc, AlignedSum):
         out = ops.matmul_aligned(a3, b3, acc.group, acc.bits, mode, chunk)
     else:

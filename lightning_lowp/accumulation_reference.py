@@ -167,7 +167,7 @@ def reference_matmul(
     Returns:
         A float32 tensor (..., M, N).
     """
-    acc_fmt = Accumulation(accumulate, accumulate_rounding, chunk).accumulate  # checks all three
+    acc_fmt = Accumulation(accumulate, accumulate_rounding, chunk).accumulator  # checks all three
     a3 = a.detach().to(torch.float32).cpu()
     b3 = b.detach().to(torch.float32).cpu()
     batch = torch.broadcast_shapes(a3.shape[:-2], b3.shape[:-2])

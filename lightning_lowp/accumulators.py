@@ -139,6 +139,13 @@ class Accumulation:
                     f"chunk={self.chunk} must be a multiple of the group of {acc} (a promotion cannot split a group)"
                 )
 
+    @property
+    def accumulator(self) -> FloatingPoint | AlignedSum:
+        """``accumulate`` as parsed (never a spec string once constructed)."""
+        acc = self.accumulate
+        assert not isinstance(acc, str)  # __post_init__ parsed it
+        return acc
+
     def __str__(self) -> str:
         text = str(self.accumulate)
         if self.rounding != "nearest":

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning_lowp.callbacks import QuantizeActivations
 from lightning_lowp.matmuls import OPERAND_ROLES, QuantizeMatmuls
 from lightning_lowp.plugins import LowPrecision
-from lightning_lowp.recipes import get_recipe
+from lightning_lowp.recipes import ACCUMULATE_FIELDS, get_recipe
 
 __all__ = ["from_recipe"]
 
@@ -53,10 +53,12 @@ def from_recipe(
     """
     r = get_recipe(name)
     uses_activations = any(getattr(r, role) is not None for role in _ACTIVATION_ROLES)
-    uses_matmuls = any(getattr(r, f"matmul_{role}") is not None for role in OPERAND_ROLES)
+    uses_matmuls = any(getattr(r, f"matmul_{role}") is not None for role in OPERAND_ROLES) or any(
+        getattr(r, key) is not None for key in ACCUMULATE_FIELDS
+    )
     for given, used, roles in (
         (activations, uses_activations, "activation or error"),
-        (matmuls, uses_matmuls, "matmul_input, matmul_weight or matmul_grad_output"),
+        (matmuls, uses_matmuls, "matmul_input, matmul_weight, matmul_grad_output or matmul_*_accumulate"),
     ):
         if given and not used:
             raise ValueError(f"recipe {name!r} sets no {roles} role, so the arguments {dict(given)} would do nothing")

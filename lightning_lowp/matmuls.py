@@ -38,6 +38,26 @@ and ``ScaledFormat`` with blocks of ``k`` or ``"row"`` blocks. Element-wise form
 exponent or scale per tensor (``bfp(wl)``, ``block="tensor"``) and ``(rows, cols)`` tiles do not
 depend on the axis: a tile covers the operand as stored (W as N×K, x as M×K, dy as M×N), so
 both uses of an operand see the same tiles (NVFP4's 16x16 weight blocks).
+
+Accumulation: each GEMM may also sum its products in low precision (``fprop_accumulate``,
+``dgrad_accumulate``, ``wgrad_accumulate``: an :class:`~lightning_lowp.Accumulation`), by
+``lp.matmul``'s kernel, in order along the contraction axis; ``None`` is torch's float32 GEMM.
+A linear layer contracts over K (in_features) in fprop, N (out_features) in dgrad and M (the
+tokens, leading dims flattened in order) in wgrad; the bias is added after the GEMM, in float32.
+``a @ b`` runs one GEMM per batch element (over K, N, M); a broadcast operand's gradient is the
+float32 sum of its per-batch GEMMs. A convolution runs as an explicit im2col GEMM in the layout
+above (``F.unfold``, its K reordered from (C_in, kh, kw) to (kh, kw, C_in)):
+
+- fprop: ``y[(h, w, n), co] = Σ_k cols[(h, w, n), k] · W[co, k]`` over k = (kh, kw, C_in), the
+  channels innermost (padding pixels are zero products);
+- dgrad: ``dcols[(h, w, n), k] = Σ_co dy[(h, w, n), co] · W[co, k]`` over C_out, then ``F.fold``
+  (col2im) adds each input pixel's contributions from the kernel offsets in float32, into a
+  zero, in (kh, kw) row-major order;
+- wgrad: ``dW[co, k] = Σ_m dy[m, co] · cols[m, k]`` over m = (H_out, W_out, batch), the batch
+  innermost (padded with zero rows by ``wgrad_hadamard``).
+
+Conv1d runs as a conv2d of height 1. Stochastic accumulation rounding draws from torch's
+default generator, as the operands' stochastic rounding does. CPU tensors only.
 """
 
 from __future__ import annotations
@@ -56,6 +76,8 @@ from torch.nn import grad as nn_grad
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
+from lightning_lowp.accumulation import accumulate_gemm
+from lightning_lowp.accumulators import Accumulation, AccumulatorLike, as_accumulation, check_chunk
 from lightning_lowp.formats import BlockFloatingPoint, Format, FormatLike, ScaledFormat, as_format, check_rounding
 from lightning_lowp.functional import quantize
 from lightning_lowp.recipes import check_keep_last, get_recipe
@@ -75,6 +97,7 @@ __all__ = [
     "SECOND_USE",
     "along",
     "OPERAND_ROLES",
+    "GEMMS",
 ]
 
 #: The operand roles of a GEMM, each with a format and a rounding mode.
@@ -82,12 +105,16 @@ OPERAND_ROLES = ("input", "weight", "grad_output")
 #: The GEMM of each role's second use, where a format of its own may replace the role's.
 SECOND_USE = {"input": "wgrad", "weight": "dgrad", "grad_output": "wgrad"}
 _SECOND_USE_KEYS = tuple(f"{role}_for_{gemm}" for role, gemm in SECOND_USE.items())
+#: The three GEMMs of a layer, each of which may accumulate in low precision.
+GEMMS = ("fprop", "dgrad", "wgrad")
+_ACCUMULATE_KEYS = tuple(f"{gemm}_accumulate" for gemm in GEMMS)
 _SETTING_KEYS = (
     *OPERAND_ROLES,
     *(f"{role}_rounding" for role in OPERAND_ROLES),
     *_SECOND_USE_KEYS,
     "wgrad_hadamard",
     "hadamard_seed",
+    *_ACCUMULATE_KEYS,
 )
 #: ``observer(operand, source, quantized, fmt)``, called for each quantized operand with its
 #: name (``"fprop.input"``, ``"dgrad.weight"``, ``"wgrad.grad_output"``, ...).
@@ -102,6 +129,9 @@ _FROM_NAME_KEYS = (
     "overrides",
     "attention",
     "quantize_eval",
+    "accumulate",
+    "accumulate_rounding",
+    "chunk",
 )
 
 
@@ -166,9 +196,17 @@ class MatmulSettings:
         wgrad_hadamard: multiply both weight-gradient operands by a random 16x16 Hadamard
             transform along M before quantizing them (the NVFP4 recipe's RHT).
         hadamard_seed: the seed of that transform's random signs.
+        fprop_accumulate: how the forward GEMM accumulates: an ``lp.Accumulation`` (accumulator,
+            rounding, promotion ``chunk``) or an accumulator alone (``"bf16"``,
+            ``"aligned(32,14)"``, rounded to nearest, never promoted); ``None``: a float32 GEMM
+            (torch's). The products are summed in the contraction order of
+            :mod:`lightning_lowp.matmuls` ("Accumulation"), by :func:`lp.matmul`'s kernel.
+        dgrad_accumulate: likewise for the input-gradient GEMM.
+        wgrad_accumulate: likewise for the weight-gradient GEMM.
 
     Example:
         >>> s = lp.MatmulSettings(input="mx(fp8_e4m3,32)", weight="mx(fp8_e4m3,32)", grad_output="fp8_e5m2")
+        >>> s = lp.MatmulSettings(input="fp8_e4m3", wgrad_accumulate=lp.Accumulation("bf16", chunk=128))
     """
 
     input: FormatLike | None = None
@@ -182,6 +220,9 @@ class MatmulSettings:
     grad_output_for_wgrad: FormatLike | None = None
     wgrad_hadamard: bool = False
     hadamard_seed: int = 0
+    fprop_accumulate: Accumulation | AccumulatorLike | None = None
+    dgrad_accumulate: Accumulation | AccumulatorLike | None = None
+    wgrad_accumulate: Accumulation | AccumulatorLike | None = None
 
     def __post_init__(self) -> None:
         for key in (*OPERAND_ROLES, *_SECOND_USE_KEYS):
@@ -196,6 +237,15 @@ class MatmulSettings:
             raise ValueError(f"wgrad_hadamard must be True or False, got {self.wgrad_hadamard!r}")
         if isinstance(self.hadamard_seed, bool) or not isinstance(self.hadamard_seed, int):
             raise ValueError(f"hadamard_seed must be an int, got {self.hadamard_seed!r}")
+        for key in _ACCUMULATE_KEYS:
+            object.__setattr__(self, key, as_accumulation(getattr(self, key), key))
+
+    def accumulation_for(self, gemm: str) -> Accumulation | None:
+        """How ``gemm`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``) accumulates; ``None``: a float32 GEMM."""
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {gemm!r}")
+        acc: Accumulation | None = getattr(self, f"{gemm}_accumulate")
+        return acc
 
     def format_for(self, gemm: str, role: str) -> Format | None:
         """The format of ``role`` in ``gemm`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``); ``None``: float32."""
@@ -225,7 +275,12 @@ class MatmulSettings:
     def __str__(self) -> str:
         defaults = {f.name: f.default for f in fields(self)}
         parts = [f"{role}={getattr(self, role)}" for role in OPERAND_ROLES]
-        parts += [f"{k}={getattr(self, k)}" for k in _SETTING_KEYS[3:] if getattr(self, k) != defaults[k]]
+        accs = [getattr(self, k) for k in _ACCUMULATE_KEYS]
+        same = accs[0] is not None and accs.count(accs[0]) == len(accs)  # shown once, as QuantizeMatmuls takes it
+        keys = [k for k in _SETTING_KEYS[3:] if not (same and k in _ACCUMULATE_KEYS)]
+        parts += [f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) != defaults[k]]
+        if same:
+            parts.append(f"accumulate={accs[0]}")
         return f"MatmulSettings({', '.join(parts)})"
 
 
@@ -255,11 +310,25 @@ def random_hadamard(t: torch.Tensor, seed: int, dim: int = -2) -> torch.Tensor:
     return out.movedim(-1, dim)
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, accumulation: Accumulation | None) -> torch.Tensor:
+    """``a @ b`` (batch dims broadcast): torch's float32 GEMM, or summed in k order as ``accumulation`` says.
+
+    Stochastic accumulation rounding draws its keys from torch's default generator, as the
+    operands' stochastic rounding does, so a seed (``L.seed_everything``) fixes the bits.
+    """
+    if accumulation is None:
+        return torch.matmul(a, b)
+    return accumulate_gemm(a, b, accumulation).to(torch.promote_types(a.dtype, b.dtype))
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
     """``F.linear`` with quantized GEMM operands: ``apply(x, weight, bias, settings, observer)``.
 
     Saves the high-precision x and W (not their quantized copies), so each backward GEMM
-    quantizes them afresh along its own axis.
+    quantizes them afresh along its own axis. A GEMM with an accumulation sums its products in
+    order along its contraction axis: fprop over K (in_features), dgrad over N (out_features),
+    wgrad over M (the tokens, leading dims flattened in order); the bias is added afterwards,
+    in float32.
     """
 
     @staticmethod
@@ -275,9 +344,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
         ctx.settings, ctx.observer = settings, observer
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = (
-            settings.quantize("fprop", "input", x2, -1, observer)
-            @ settings.quantize("fprop", "weight", weight, -1, observer).mT
+        y = _gemm(
+            settings.quantize("fprop", "input", x2, -1, observer),
+            settings.quantize("fprop", "weight", weight, -1, observer).mT,
+            settings.accumulation_for("fprop"),
         )
         if bias is not None:
             y = y + bias
@@ -291,13 +361,21 @@ class QuantizedLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dgrad: along N
-            dx = s.quantize("dgrad", "grad_output", dy2, -1, obs) @ s.quantize("dgrad", "weight", weight, -2, obs)
+            dx = _gemm(
+                s.quantize("dgrad", "grad_output", dy2, -1, obs),
+                s.quantize("dgrad", "weight", weight, -2, obs),
+                s.accumulation_for("dgrad"),
+            )
             dx = dx.reshape(x.shape)
         if ctx.needs_input_grad[1]:  # wgrad: along M
             x2 = x.reshape(-1, x.shape[-1])
             if s.wgrad_hadamard:
                 dy2, x2 = random_hadamard(dy2, s.hadamard_seed), random_hadamard(x2, s.hadamard_seed)
-            dw = s.quantize("wgrad", "grad_output", dy2, -2, obs).mT @ s.quantize("wgrad", "input", x2, -2, obs)
+            dw = _gemm(
+                s.quantize("wgrad", "grad_output", dy2, -2, obs).mT,
+                s.quantize("wgrad", "input", x2, -2, obs),
+                s.accumulation_for("wgrad"),
+            )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, weight.shape[0]).sum(0)
         return dx, dw, db, None, None
@@ -307,7 +385,9 @@ class QuantizedMatmulFunction(torch.autograd.Function):
     """``torch.matmul`` with quantized GEMM operands: ``apply(a, b, settings, observer)``, a the input, b the weight.
 
     1-D operands are treated as ``torch.matmul`` treats them (a row, a column); broadcast batch
-    dims are summed out of the gradients.
+    dims are summed out of the gradients. A GEMM with an accumulation runs per batch element,
+    summing over K (fprop), N (``da``) or M (``db``) in order; where an operand was broadcast
+    over batch dims, its gradient's per-batch GEMMs are then summed in float32 (as ``lp.matmul``).
     """
 
     @staticmethod
@@ -318,9 +398,10 @@ class QuantizedMatmulFunction(torch.autograd.Function):
         ctx.settings, ctx.observer = settings, observer
         a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (…, M, K)
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (…, K, N)
-        y = torch.matmul(
+        y = _gemm(
             settings.quantize("fprop", "input", a2, -1, observer),
             settings.quantize("fprop", "weight", b2, -2, observer),
+            settings.accumulation_for("fprop"),
         )
         if a.dim() == 1:
             y = y.squeeze(-2)
@@ -341,15 +422,19 @@ class QuantizedMatmulFunction(torch.autograd.Function):
             dy = dy.unsqueeze(-2)  # (…, M, N)
         da = db = None
         if ctx.needs_input_grad[0]:  # along N
-            da = torch.matmul(
-                s.quantize("dgrad", "grad_output", dy, -1, obs), s.quantize("dgrad", "weight", b2, -1, obs).mT
+            da = _gemm(
+                s.quantize("dgrad", "grad_output", dy, -1, obs),
+                s.quantize("dgrad", "weight", b2, -1, obs).mT,
+                s.accumulation_for("dgrad"),
             )
             da = da.sum_to_size(a2.shape).reshape(a.shape)
         if ctx.needs_input_grad[1]:  # along M
             if s.wgrad_hadamard:
                 a2, dy = random_hadamard(a2, s.hadamard_seed), random_hadamard(dy, s.hadamard_seed)
-            db = torch.matmul(
-                s.quantize("wgrad", "input", a2, -2, obs).mT, s.quantize("wgrad", "grad_output", dy, -2, obs)
+            db = _gemm(
+                s.quantize("wgrad", "input", a2, -2, obs).mT,
+                s.quantize("wgrad", "grad_output", dy, -2, obs),
+                s.accumulation_for("wgrad"),
             )
             db = db.sum_to_size(b2.shape).reshape(b.shape)
         return da, db, None, None
@@ -375,12 +460,85 @@ def _conv_quantize(
     return s.quantize(gemm, role, view, -1, observer).movedim(-1, dim)
 
 
+def _im2col(x: torch.Tensor, kernel: tuple[int, int], conv: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The implicit GEMM's activation matrix of a 2-D conv: (M, K), M as (H_out, W_out, batch), K as (kh, kw, C_in).
+
+    ``F.unfold`` lays K out as (C_in, kh, kw); the channels are moved innermost. Padding
+    pixels are zeros.
+    """
+    stride, padding, dilation = conv
+    c = x.shape[1]
+    cols = F.unfold(x, kernel, dilation, padding, stride)  # (N, C_in*kh*kw, L), K as (c, i, j)
+    cols = cols.unflatten(1, (c, -1)).transpose(1, 2)  # (N, kh*kw, C_in, L)
+    return cols.permute(3, 0, 1, 2).reshape(-1, cols.shape[1] * c)  # (L*N, kh*kw*C_in)
+
+
+def _col2im(
+    cols: torch.Tensor, x_shape: torch.Size, conv: tuple[tuple[int, ...], ...], kernel: tuple[int, int]
+) -> torch.Tensor:
+    """The inverse layout of :func:`_im2col`, each input pixel's kernel-offset contributions added by ``F.fold``.
+
+    ``F.fold`` (torch's col2im) adds them in float32, into a zero, in (kh, kw) row-major order.
+    """
+    stride, padding, dilation = conv
+    n, c = x_shape[0], x_shape[1]
+    taps = kernel[0] * kernel[1]
+    cols = cols.reshape(-1, n, taps, c).permute(1, 3, 2, 0).reshape(n, c * taps, -1)  # (N, C_in*kh*kw, L)
+    return F.fold(cols, tuple(x_shape[2:]), kernel, dilation, padding, stride)
+
+
+def _weight_matrix(w: torch.Tensor) -> torch.Tensor:
+    """A 2-D conv weight (C_out, C_in, kh, kw) as the implicit GEMM's (C_out, K) matrix, K as (kh, kw, C_in)."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _gemm_conv(
+    gemm: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    x_shape: torch.Size,
+    w_shape: torch.Size,
+    conv: tuple[tuple[int, ...], ...],
+    accumulation: Accumulation,
+) -> torch.Tensor:
+    """One GEMM of a conv as an explicit implicit GEMM (im2col), accumulated as ``accumulation`` says.
+
+    ``gemm`` ``"fprop"``: ``a`` is x, ``b`` W, returns y; ``"dgrad"``: ``a`` is dy, ``b`` W, returns
+    dx; ``"wgrad"``: ``a`` is dy, ``b`` x, returns dW. Tensors are NCHW (1-D ones gain a height of
+    1); the contraction orders are those of :mod:`lightning_lowp.matmuls` ("Accumulation").
+    """
+    one_d = len(x_shape) == 3
+    if one_d:  # (batch, C, L) as (batch, C, 1, L)
+        a, b = a.unsqueeze(2), b.unsqueeze(2)
+        x_shape = torch.Size((x_shape[0], x_shape[1], 1, x_shape[2]))
+        w_shape = torch.Size((w_shape[0], w_shape[1], 1, w_shape[2]))
+        conv = tuple(((0,) if i == 1 else (1,)) + v for i, v in enumerate(conv))  # height: stride 1, no padding
+    kernel = (w_shape[2], w_shape[3])
+    if gemm == "fprop":  # over K = (kh, kw, C_in)
+        y = _gemm(_im2col(a, kernel, conv), _weight_matrix(b).mT, accumulation)  # (L*N, C_out)
+        stride, padding, dilation = conv
+        h_out, w_out = (
+            (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+        )
+        out = y.reshape(h_out, w_out, x_shape[0], w_shape[0]).permute(2, 3, 0, 1)
+    elif gemm == "dgrad":  # over C_out, then col2im
+        dy = a.permute(2, 3, 0, 1).reshape(-1, a.shape[1])  # (L*N, C_out)
+        out = _col2im(_gemm(dy, _weight_matrix(b), accumulation), x_shape, conv, kernel)
+    else:  # wgrad: over M = (H_out, W_out, batch)
+        dy = a.permute(1, 2, 3, 0).reshape(a.shape[1], -1)  # (C_out, L*N)
+        dw = _gemm(dy, _im2col(b, kernel, conv), accumulation)  # (C_out, K)
+        out = dw.reshape(w_shape[0], kernel[0], kernel[1], w_shape[1]).permute(0, 3, 1, 2)
+    return (out.squeeze(2) if one_d else out).contiguous()
+
+
 class QuantizedConvFunction(torch.autograd.Function):
     """``F.conv1d`` / ``F.conv2d`` with quantized implicit-GEMM operands (``groups=1``).
 
     ``apply(x, weight, bias, stride, padding, dilation, settings, observer)`` with integer
     tuples for stride, padding and dilation. Blocks: fprop along C_in (x and W), dgrad along
-    C_out (dy and W), wgrad along the batch (dy and x); see :mod:`lightning_lowp.matmuls`.
+    C_out (dy and W), wgrad along the batch (dy and x); see :mod:`lightning_lowp.matmuls`. A
+    GEMM with an accumulation runs as an explicit im2col GEMM in the documented contraction
+    order; the others run as torch's convolutions.
     """
 
     @staticmethod
@@ -402,7 +560,13 @@ class QuantizedConvFunction(torch.autograd.Function):
         conv = F.conv1d if x.dim() == 3 else F.conv2d
         qx = _conv_quantize(settings, "fprop", "input", x, -1, observer)
         qw = _conv_quantize(settings, "fprop", "weight", weight, -1, observer)
-        return conv(qx, qw, bias, stride, padding, dilation)
+        acc = settings.accumulation_for("fprop")
+        if acc is None:
+            return conv(qx, qw, bias, stride, padding, dilation)
+        y = _gemm_conv("fprop", qx, qw, x.shape, weight.shape, ctx.conv, acc)
+        if bias is not None:
+            y = y + bias.reshape(-1, *(1,) * (y.dim() - 2))
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -419,14 +583,22 @@ class QuantizedConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dgrad: along C_out
             qdy = _conv_quantize(s, "dgrad", "grad_output", dy, -1, obs)
             qw = _conv_quantize(s, "dgrad", "weight", weight, -2, obs)
-            dx = conv_input(x.shape, qw, qdy, stride, padding, dilation)
+            acc = s.accumulation_for("dgrad")
+            if acc is None:
+                dx = conv_input(x.shape, qw, qdy, stride, padding, dilation)
+            else:
+                dx = _gemm_conv("dgrad", qdy, qw, x.shape, weight.shape, ctx.conv, acc)
         if ctx.needs_input_grad[1]:  # wgrad: along the batch
             xs, dys = x, dy
             if s.wgrad_hadamard:
                 xs, dys = random_hadamard(x, s.hadamard_seed, 0), random_hadamard(dy, s.hadamard_seed, 0)
             qx = _conv_quantize(s, "wgrad", "input", xs, -2, obs)
             qdy = _conv_quantize(s, "wgrad", "grad_output", dys, -2, obs)
-            dw = conv_weight(qx, weight.shape, qdy, stride, padding, dilation)
+            acc = s.accumulation_for("wgrad")
+            if acc is None:
+                dw = conv_weight(qx, weight.shape, qdy, stride, padding, dilation)
+            else:
+                dw = _gemm_conv("wgrad", qdy, qx, qx.shape, weight.shape, ctx.conv, acc)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum([0, *range(2, dy.dim())])
         return dx, dw, db, None, None, None, None, None
@@ -642,16 +814,29 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         grad_output_for_wgrad: dy's format in the weight-gradient GEMM (``None``: ``grad_output``'s).
         wgrad_hadamard: the random 16x16 Hadamard transform of both weight-gradient operands.
         hadamard_seed: the seed of its random signs.
+        accumulate: the accumulator of all three GEMMs: an ``lp.Accumulation``, or a float format
+            (``"bf16"``, ``"fp16"``) or ``lp.AlignedSum`` (``"aligned(32,14)"``) taken with
+            ``accumulate_rounding`` and ``chunk``; ``None``: float32 GEMMs (torch's). CPU only.
+        accumulate_rounding: the rounding of every addition into ``accumulate`` (for an
+            ``AlignedSum``, of its store into float32).
+        chunk: promote the accumulator into float32 every ``chunk`` products; ``None``: never.
+        fprop_accumulate: the forward GEMM's accumulation (an ``lp.Accumulation`` or an
+            accumulator), in place of ``accumulate``'s; ``None``: ``accumulate``'s.
+        dgrad_accumulate: likewise for the input-gradient GEMM.
+        wgrad_accumulate: likewise for the weight-gradient GEMM.
         modules: module types whose forward is intercepted (default ``(nn.Linear,)``); ``None``
             selects every module (narrow with ``names`` or ``predicate``).
         names: fnmatch patterns of qualified module names; each must match at least one module.
         predicate: ``predicate(name, module) -> bool``, a further filter.
         overrides: ``{pattern: {"input": ..., "weight_rounding": ..., ...}}`` per-module
             settings merged over the others, e.g. ``{"head": {"input": "bf16", "weight": "bf16",
-            "grad_output": "bf16"}}``; each pattern must match a selected module.
+            "grad_output": "bf16"}}``; each pattern must match a selected module. Besides the
+            settings' keys (``fprop_accumulate``, ...), ``"accumulate"`` sets all three GEMMs'
+            accumulation (``None``: float32).
         keep_last: the last ``keep_last`` selected modules (in the model's module order) take
-            bf16 for every operand, whatever the overrides say; a float in [0, 1) is a fraction
-            of the selected modules, rounded up (the NVFP4 recipe keeps its last layers in bf16).
+            bf16 for every operand and float32 GEMMs, whatever the overrides say; a float in
+            [0, 1) is a fraction of the selected modules, rounded up (the NVFP4 recipe keeps its
+            last layers in bf16).
         attention: also quantize ``torch.matmul`` / ``@`` / ``torch.bmm`` inside the selected
             modules (off by default: attention's ``q @ kᵀ`` and ``p @ v``); select the modules
             that call them (by type or name).
@@ -680,6 +865,12 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         grad_output_for_wgrad: FormatLike | None = None,
         wgrad_hadamard: bool = False,
         hadamard_seed: int = 0,
+        accumulate: Accumulation | AccumulatorLike | None = None,
+        accumulate_rounding: str = "nearest",
+        chunk: int | None = None,
+        fprop_accumulate: Accumulation | AccumulatorLike | None = None,
+        dgrad_accumulate: Accumulation | AccumulatorLike | None = None,
+        wgrad_accumulate: Accumulation | AccumulatorLike | None = None,
         modules: Sequence[type[nn.Module]] | None = (nn.Linear,),
         names: Sequence[str] | None = None,
         predicate: Callable[[str, nn.Module], bool] | None = None,
@@ -702,6 +893,9 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
             "grad_output_for_wgrad": grad_output_for_wgrad,
             "wgrad_hadamard": wgrad_hadamard,
             "hadamard_seed": hadamard_seed,
+            **_accumulations(
+                accumulate, accumulate_rounding, chunk, (fprop_accumulate, dgrad_accumulate, wgrad_accumulate)
+            ),
             "keep_last": keep_last,
         }
         if recipe is not None:
@@ -722,11 +916,16 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         self.overrides = {}
         base = {k: getattr(self.settings, k) for k in _SETTING_KEYS}
         for pattern, per_module in (overrides or {}).items():
-            unknown = set(per_module) - set(_SETTING_KEYS)
+            unknown = set(per_module) - {*_SETTING_KEYS, "accumulate"}
             if unknown:
                 raise ValueError(
-                    f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; accepted: {', '.join(_SETTING_KEYS)}"
+                    f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; accepted: "
+                    f"{', '.join(_SETTING_KEYS)}, accumulate"
                 )
+            if "accumulate" in per_module:  # all three GEMMs, unless one is given as well
+                per_module = dict(per_module)
+                common = as_accumulation(per_module.pop("accumulate"), f"overrides[{pattern!r}]['accumulate']")
+                per_module = {**dict.fromkeys(_ACCUMULATE_KEYS, common), **per_module}
             self.overrides[pattern] = MatmulSettings(**{**base, **per_module})
         self.attention = attention
         #: How many GEMMs were quantized, by (module name, ``"linear"``, ``"conv"`` or ``"matmul"``).
@@ -754,7 +953,11 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         unknown = set(kwargs) - set(_FROM_NAME_KEYS)
         if unknown:
             raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_FROM_NAME_KEYS)}")
-        return cls(**{**_recipe_settings(name, kwargs), **kwargs})
+        settings = _recipe_settings(name, kwargs)
+        if any(k in kwargs for k in ("accumulate", "accumulate_rounding", "chunk")):
+            for key in _ACCUMULATE_KEYS:  # the given accumulation replaces the recipe's, GEMM by GEMM
+                settings[key] = None
+        return cls(**{**settings, **kwargs})
 
     # ---- selection ------------------------------------------------------------------
 
@@ -845,11 +1048,47 @@ def _recipe_settings(name: str, given: Mapping[str, Any] | None = None) -> dict[
     """
     r = get_recipe(name)
     settings = {k: getattr(r, f"matmul_{k}") for k in (*_SETTING_KEYS, "keep_last")}
-    if all(settings[role] is None for role in OPERAND_ROLES) and not any(
-        (given or {}).get(role) is not None for role in OPERAND_ROLES
+    keys = (*OPERAND_ROLES, *_ACCUMULATE_KEYS)
+    if all(settings[k] is None for k in keys) and not any(
+        (given or {}).get(k) is not None for k in (*keys, "accumulate")
     ):
         raise ValueError(
-            f"recipe {name!r} sets no GEMM operand (matmul_input, matmul_weight, matmul_grad_output are None); "
-            "recipes for QuantizeMatmuls: mxfp8, mxfp4, nvfp4, fp8_tensorwise, fp8_rowwise, fp8_blockwise"
+            f"recipe {name!r} sets no GEMM operand (matmul_input, matmul_weight, matmul_grad_output are None) "
+            "and no accumulation; recipes for QuantizeMatmuls: mxfp8, mxfp4, nvfp4, fp8_tensorwise, fp8_rowwise, "
+            "fp8_blockwise, fp8_deepseek_v3"
         )
     return settings
+
+
+def _accumulations(
+    accumulate: object, rounding: object, chunk: object, per_gemm: tuple[object, object, object]
+) -> dict[str, Accumulation | None]:
+    """``QuantizeMatmuls``'s accumulation arguments as the ``*_accumulate`` settings, checked.
+
+    ``accumulate`` (with ``rounding`` and ``chunk``) applies to each GEMM whose own setting is
+    ``None``.
+
+    Raises:
+        ValueError: naming the argument that is not accepted.
+    """
+    check_chunk(chunk)
+    if isinstance(accumulate, Accumulation):
+        if rounding != "nearest" or chunk is not None:
+            raise ValueError(
+                f"accumulate={accumulate!r} is an lp.Accumulation, which has its own rounding and chunk; give "
+                f"accumulate_rounding and chunk only with an accumulator spec (got {rounding!r}, {chunk!r})"
+            )
+        common: Accumulation | None = accumulate
+    elif accumulate is None:
+        if rounding != "nearest" or chunk is not None:
+            raise ValueError(
+                f"accumulate_rounding={rounding!r} and chunk={chunk!r} need accumulate (an accumulator such as "
+                "'bf16' or 'aligned(32,14)'); the per-GEMM *_accumulate arguments take an lp.Accumulation"
+            )
+        common = None
+    else:
+        common = Accumulation(accumulate, rounding, chunk)  # type: ignore[arg-type]
+    return {
+        key: common if value is None else as_accumulation(value, key)
+        for key, value in zip(_ACCUMULATE_KEYS, per_gemm, strict=True)
+    }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from lightning_lowp.accumulators import Accumulation, AccumulatorLike, as_accumulation
 from lightning_lowp.formats import Format, FormatLike, as_format, check_rounding
 
 __all__ = ["Recipe", "ROLES", "register_recipe", "get_recipe", "list_recipes"]
@@ -36,6 +37,10 @@ ROLES = (
     "matmul_weight",
     "matmul_grad_output",
 )
+
+
+#: The recipe fields of the three GEMMs' accumulation (``QuantizeMatmuls``'s ``*_accumulate``).
+ACCUMULATE_FIELDS = ("matmul_fprop_accumulate", "matmul_dgrad_accumulate", "matmul_wgrad_accumulate")
 
 
 def check_keep_last(value: object, name: str = "keep_last") -> None:
@@ -75,6 +80,12 @@ class Recipe:
         matmul_hadamard_seed: its seed.
         matmul_keep_last: how many of the last selected modules keep bf16 GEMM operands (an
             int), or which fraction of them (a float in [0, 1), rounded up).
+        matmul_fprop_accumulate: how the forward GEMM accumulates: an ``lp.Accumulation``
+            (accumulator, rounding, promotion ``chunk``) or an accumulator (``"bf16"``,
+            ``"aligned(32,14)"``); ``None``: a float32 GEMM. Likewise
+            ``matmul_dgrad_accumulate`` and ``matmul_wgrad_accumulate``.
+        matmul_dgrad_accumulate: how the input-gradient GEMM accumulates.
+        matmul_wgrad_accumulate: how the weight-gradient GEMM accumulates.
     """
 
     weight: FormatLike | None = None
@@ -101,6 +112,9 @@ class Recipe:
     matmul_wgrad_hadamard: bool = False
     matmul_hadamard_seed: int = 0
     matmul_keep_last: int | float = 0
+    matmul_fprop_accumulate: Accumulation | AccumulatorLike | None = None
+    matmul_dgrad_accumulate: Accumulation | AccumulatorLike | None = None
+    matmul_wgrad_accumulate: Accumulation | AccumulatorLike | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -117,6 +131,8 @@ class Recipe:
         if isinstance(self.matmul_hadamard_seed, bool) or not isinstance(self.matmul_hadamard_seed, int):
             raise ValueError(f"matmul_hadamard_seed must be an int, got {self.matmul_hadamard_seed!r}")
         check_keep_last(self.matmul_keep_last, "matmul_keep_last")
+        for key in ACCUMULATE_FIELDS:
+            object.__setattr__(self, key, as_accumulation(getattr(self, key), key))
 
     def __str__(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
@@ -155,6 +171,8 @@ def _matmul_recipe(
         matmul_grad_output_rounding=grad_output_rounding,
     )
 
+
+_DEEPSEEK_V3_ACCUMULATION = Accumulation("aligned(32,14)", chunk=128)
 
 _RECIPES: dict[str, Recipe] = {
     "fixed8": _seed_recipe(as_format("fixed(8,7)")),
@@ -208,6 +226,16 @@ _RECIPES: dict[str, Recipe] = {
     # activations and gradients (along each GEMM's reduction axis: 1x128 forward, 128x1 in
     # wgrad) and per 128x128 tile of weights.
     "fp8_blockwise": _matmul_recipe("fp8_blockwise_1x128", weight="fp8_blockwise_128x128"),
+    # DeepSeek-V3's FP8 GEMMs (§3.3): the fp8_blockwise operands, and the accumulation of every
+    # GEMM (fprop, dgrad, wgrad) as on H800 tensor cores, products aligned and kept to "about 14
+    # bits" (here groups of 32, truncated), the partial sums promoted into float32 every 128
+    # products (N_C = 128, §3.3.2, "Increasing Accumulation Precision").
+    "fp8_deepseek_v3": replace(
+        _matmul_recipe("fp8_blockwise_1x128", weight="fp8_blockwise_128x128"),
+        matmul_fprop_accumulate=_DEEPSEEK_V3_ACCUMULATION,
+        matmul_dgrad_accumulate=_DEEPSEEK_V3_ACCUMULATION,
+        matmul_wgrad_accumulate=_DEEPSEEK_V3_ACCUMULATION,
+    ),
 }
 
 

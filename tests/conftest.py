@@ -30,3 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # --strict-markers behaviour whatever the ini file says: pytest.mark.<unknown> warns at import,
     # and the warning is an error, so the module fails to collect.
     config.addinivalue_line("filterwarnings", "error::pytest.PytestUnknownMarkWarning")
+
+
+@pytest.fixture(autouse=True)
+def _recipe_registry_restored():
+    """Recipes a test registers are gone after it, so that no test depends on another's order."""
+    from lightning_lowp import recipes
+
+    saved = dict(recipes._RECIPES)
+    yield
+    recipes._RECIPES.clear()
+    recipes._RECIPES.update(saved)

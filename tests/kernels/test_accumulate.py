@@ -20,7 +20,9 @@ from lightning_lowp.accumulators import check_accumulator
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 MODES = list(lp.ROUNDING_MODES)
+# every fast path of the kernel's nearest (float32's range; round to odd; the bit trick), and the general one
 ACCUMULATORS = ["bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "float(4,2,subnormals=False)"]
+ACCUMULATORS += ["float(8,21)", "float(8,22)", "float(6,21)"]
 CHUNKS = [None, 1, 3, 128]
 M, K, N = 3, 24, 4  # 288 products a case: the reference is slow
 
