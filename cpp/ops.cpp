@@ -391,7 +391,13 @@ at::Tensor matmul_accumulate(const at::Tensor& a, const at::Tensor& b, int64_t k
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   if (out.numel() == 0) return out;
   const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
-  accumulate_cpu(a.contiguous(), b.contiguous(), out, p, mode, chunk, key);
+  if (a.is_cuda()) {
+#ifdef LOWP_WITH_CUDA
+    accumulate_cuda(a.contiguous(), b.contiguous(), out, p, mode, chunk, key);
+#endif
+  } else {
+    accumulate_cpu(a.contiguous(), b.contiguous(), out, p, mode, chunk, key);
+  }
   return out;
 }
 
@@ -408,8 +414,14 @@ at::Tensor matmul_aligned(const at::Tensor& a, const at::Tensor& b, int64_t grou
                     group, ")");
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
   if (out.numel() == 0) return out;
-  aligned_accumulate_cpu(a.contiguous(), b.contiguous(), out, group, static_cast<int>(bits),
-                         rounding == static_cast<int64_t>(Rounding::TowardZero), chunk);
+  const bool toward_zero = rounding == static_cast<int64_t>(Rounding::TowardZero);
+  if (a.is_cuda()) {
+#ifdef LOWP_WITH_CUDA
+    aligned_accumulate_cuda(a.contiguous(), b.contiguous(), out, group, static_cast<int>(bits), toward_zero, chunk);
+#endif
+  } else {
+    aligned_accumulate_cpu(a.contiguous(), b.contiguous(), out, group, static_cast<int>(bits), toward_zero, chunk);
+  }
   return out;
 }
 
@@ -447,6 +459,8 @@ TORCH_LIBRARY_IMPL(lowp, CUDA, m) {
   m.impl("quantize", &quantize);
   m.impl("quantize_", &quantize_);
   m.impl("quantize_foreach_", &quantize_foreach_);
+  m.impl("matmul_accumulate", &matmul_accumulate);
+  m.impl("matmul_aligned", &matmul_aligned);
 }
 #endif
 

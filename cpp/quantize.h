@@ -138,5 +138,12 @@ void accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, c
 // The same with the tensor-core accumulator (AlignedSum; aligned_rows in accumulate_kernels.h).
 void aligned_accumulate_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int64_t group, int bits,
                             bool toward_zero, int64_t chunk);
+#ifdef LOWP_WITH_CUDA
+// Both on CUDA tensors, the same bits (accumulate_cuda.cu).
+void accumulate_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const FormatParams& p, Rounding mode,
+                     int64_t chunk, uint64_t key);
+void aligned_accumulate_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, int64_t group, int bits,
+                             bool toward_zero, int64_t chunk);
+#endif
 
 }  // namespace lowp

@@ -7,7 +7,8 @@ sum, in ``accumulate_rounding``; with ``chunk=c`` the accumulator is added into 
 accumulator every ``c`` products (promotion, as DeepSeek-V3 does every 128). The bits are
 those of :func:`lightning_lowp.accumulation_reference.reference_matmul` (the contract, in its
 module docstring), computed by the compiled operator ``torch.ops.lowp.matmul_accumulate``
-(CPU). ``accumulate=None`` is plain ``torch.matmul``.
+(CPU and CUDA kernels over the same scalar functions: the same bits); ``lp.AlignedSum`` by
+``torch.ops.lowp.matmul_aligned``. ``accumulate=None`` is plain ``torch.matmul``.
 
 Gradients are GEMMs too, with the same accumulator settings: for ``y = a @ b``,
 ``da = matmul(dy, bᵀ)`` and ``db = matmul(aᵀ, dy)``, each accumulated in ``accumulate`` with
@@ -36,8 +37,9 @@ def _check_operand(x: object, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU (low-precision accumulation has a CPU kernel), got {x.device}")
+    if x.device.type not in ("cpu", "cuda") or (x.device.type == "cuda" and not ops.BUILT_WITH_CUDA):
+        where = "the CPU or a CUDA GPU" if ops.BUILT_WITH_CUDA else "the CPU (this build has no CUDA kernels)"
+        raise ValueError(f"{name} must be on {where}, got {x.device}")
     if x.dim() < 2:
         shape = "(..., M, K)" if name == "a" else "(K, N) or (..., K, N)"
         raise ValueError(f"{name} must have at least 2 dims {shape}, got shape {tuple(x.shape)}")
@@ -47,6 +49,8 @@ def _check_operand(x: object, name: str) -> torch.Tensor:
 def _check_operands(a_arg: object, b_arg: object) -> None:
     a = _check_operand(a_arg, "a")
     b = _check_operand(b_arg, "b")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(
             f"a (..., M, K) and b (..., K, N) must have the same K, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
@@ -120,8 +124,8 @@ def matmul(
     """``a @ b`` with every addition of the products rounded to a low-precision accumulator.
 
     Args:
-        a: (..., M, K), a floating-point CPU tensor (computed as float32).
-        b: (K, N) or (..., K, N), a floating-point CPU tensor; batch dims broadcast as in
+        a: (..., M, K), a floating-point tensor on the CPU or a CUDA GPU (computed as float32).
+        b: (K, N) or (..., K, N), a floating-point tensor on a's device; batch dims broadcast as in
             ``torch.matmul``.
         accumulate: the accumulator: a float format (``FloatingPoint`` or a spec such as
             ``"fp16"``, ``"bf16"``, ``"fp8_e4m3"``), every addition rounded to it; or the
