@@ -59,6 +59,7 @@ inline void accumulate_rows_in(const float* a, const float* b, float* out, int64
   const FormatParams f = params;  // a local copy: stores to the accumulators cannot alias it
   if (R == Rounding::Nearest) {
     const Step small = make_step(float_small_step_exponent(f));
+    const NearestOdd odd_params = make_nearest_odd(f);
     const uint32_t cut = static_cast<uint32_t>(23 - f.man);
     const bool wide = f.man <= 21 && has_float32_range(f), odd = nearest_odd_applies(f), fast = f.man <= 22;
     accumulate_rows(a, b, out, M, K, N, chunk, row_begin, row_end,
@@ -66,7 +67,7 @@ inline void accumulate_rows_in(const float* a, const float* b, float* out, int64
                       if (wide) {
                         for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_odd_wide(acc[n], mul_rn(x, b_row[n]), cut);
                       } else if (odd) {
-                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_odd(acc[n], mul_rn(x, b_row[n]), f, small);
+                        for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_odd(acc[n], mul_rn(x, b_row[n]), odd_params);
                       } else if (fast) {
                         for (int64_t n = 0; n < N; ++n) acc[n] = add_rounded_nearest_fast(acc[n], mul_rn(x, b_row[n]), f, small);
                       } else {

@@ -839,16 +839,45 @@ LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f
 // it is inexact) keeps two bits below f's last one and a sticky bit, so rounding it to
 // nearest even on f's grid rounds the exact sum (the round-to-odd theorem, Boldo and
 // Melquiond 2008): on the bits from f's smallest normal up, by the magic-number addition
-// below it. `small`: make_step(float_small_step_exponent(f)).
-LOWP_HD float add_rounded_nearest_odd(float acc, float p, const FormatParams& f, const Step& small) {
-  const ExactSum t = exact_sum(acc, p);
-  const uint32_t odd = (t.a - t.below) | t.nonzero_e;
-  const uint32_t cut = static_cast<uint32_t>(23 - f.man);  // 2..23
-  const uint32_t unit_minus_one = (1u << cut) - 1u;
-  const uint32_t even = (odd + (unit_minus_one >> 1) + ((odd >> cut) & 1u)) & ~unit_minus_one;
-  const uint32_t low = bits_of(round_nearest_below_magic(float_of(odd), small));
-  const uint32_t mag = odd < static_cast<uint32_t>(f.emin + 127) << 23 ? low : even;
-  return finish_sum(mag, t.u, t.operands_finite, f, 1u);  // nearest rounds away from zero past the range
+// below it. Past f's range as finish_sum does for nearest; Inf and NaN as add_rounded.
+struct NearestOdd {
+  uint32_t cut;                 // 23 - man: float32 bits below f's last one (from f's smallest normal up)
+  Step small;                   // f's step below its smallest normal
+  uint32_t normal_bits;         // bits of 2^emin
+  uint32_t max_pos, max_neg;    // bits of f's largest finite magnitudes
+  uint32_t past_pos, past_neg;  // what a magnitude beyond them becomes: Inf's bits, or theirs
+};
+
+LOWP_HD NearestOdd make_nearest_odd(const FormatParams& f) {
+  NearestOdd k;
+  k.cut = static_cast<uint32_t>(23 - f.man);
+  k.small = make_step(float_small_step_exponent(f));
+  k.normal_bits = static_cast<uint32_t>(f.emin + 127) << 23;
+  k.max_pos = bits_of(f.max_pos);
+  k.max_neg = bits_of(f.max_neg);
+  k.past_pos = f.overflow_inf ? kInfBits : k.max_pos;
+  k.past_neg = f.overflow_inf ? kInfBits : k.max_neg;
+  return k;
+}
+
+LOWP_HD float add_rounded_nearest_odd(float acc, float p, const NearestOdd& k) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const uint32_t u = bits_of(s), e_bits = bits_of(e);
+  const uint32_t sign = u & kSignBit, a_raw = u ^ sign;
+  const uint32_t inexact = static_cast<uint32_t>((e_bits & ~kSignBit) != 0u);
+  const uint32_t below = inexact & ((e_bits ^ u) >> 31);
+  const uint32_t odd = (a_raw - below) | inexact;  // the exact magnitude rounded to odd
+  const uint32_t unit_minus_one = (1u << k.cut) - 1u;
+  const uint32_t even = (odd + (unit_minus_one >> 1) + ((odd >> k.cut) & 1u)) & ~unit_minus_one;
+  const uint32_t low = bits_of(round_nearest_below_magic(float_of(odd), k.small));
+  const uint32_t rounded = odd < k.normal_bits ? low : even;
+  const uint32_t max_bits = sign ? k.max_neg : k.max_pos, past = sign ? k.past_neg : k.past_pos;
+  const uint32_t in_range = rounded > max_bits ? past : rounded;
+  // s = +-Inf (Inf operands, or a finite sum past float32's range) is past f's range; NaN stays
+  const uint32_t mag = a_raw > kInfBits ? a_raw : (a_raw == kInfBits ? past : in_range);
+  return float_of(sign | mag);
 }
 
 LOWP_HD bool nearest_odd_applies(const FormatParams& f) {

@@ -57,7 +57,7 @@ above (``F.unfold``, its K reordered from (C_in, kh, kw) to (kh, kw, C_in)):
   innermost (padded with zero rows by ``wgrad_hadamard``).
 
 Conv1d runs as a conv2d of height 1. Stochastic accumulation rounding draws from torch's
-default generator, as the operands' stochastic rounding does. CPU tensors only.
+default generator, as the operands' stochastic rounding does.
 """
 
 from __future__ import annotations
@@ -816,7 +816,7 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         hadamard_seed: the seed of its random signs.
         accumulate: the accumulator of all three GEMMs: an ``lp.Accumulation``, or a float format
             (``"bf16"``, ``"fp16"``) or ``lp.AlignedSum`` (``"aligned(32,14)"``) taken with
-            ``accumulate_rounding`` and ``chunk``; ``None``: float32 GEMMs (torch's). CPU only.
+            ``accumulate_rounding`` and ``chunk``; ``None``: float32 GEMMs (torch's).
         accumulate_rounding: the rounding of every addition into ``accumulate`` (for an
             ``AlignedSum``, of its store into float32).
         chunk: promote the accumulator into float32 every ``chunk`` products; ``None``: never.
