@@ -37,3 +37,18 @@ def test_readme_block_is_the_only_change(tmp_path):
     readme.write_text(f"intro\n{start}old\n{end}tail\n")
     module.rewrite_readme(readme, "| new |\n")
     assert readme.read_text() == f"intro\n{start}| new |\n{end}tail\n"
+
+
+def test_training_example_runs(tmp_path):
+    script = REPO / "examples" / "accumulation_training.py"
+    cmd = [sys.executable, str(script), "--epochs", "1", "--limit-batches", "2", "--train-limit", "256"]
+    cmd += ["--test-limit", "128", "--dataset", "fashion-mnist", "--output-dir", str(tmp_path)]
+    cmd += ["--runs", "float", "bf16, chunk 32", "aligned(32,14)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["model"], r["run"]) for r in rows] == [
+        (m, r) for m in ("lenet", "vit") for r in ("float", "bf16, chunk 32", "aligned(32,14)")
+    ]
+    assert all(0 <= r["test_acc"] <= 100 for r in rows)
+    assert "| vit | aligned(32,14) |" in proc.stdout
