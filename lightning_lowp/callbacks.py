@@ -192,6 +192,9 @@ class QuantizeActivations(ModuleHookCallback[ActivationSettings]):
         def quantize_output(module: nn.Module, args: Any, output: Any) -> Any:
             if not self._active(module):
                 return output
-            return _map_float_tensors(output, lambda t: QuantizeFunction.apply(t, *settings, None))
+            # the callback's own stream (see lightning_lowp.selection), for the stochastic modes only
+            stochastic = "stochastic" in (settings.forward_rounding, settings.backward_rounding)
+            generator = self.generator if stochastic else None
+            return _map_float_tensors(output, lambda t: QuantizeFunction.apply(t, *settings, generator))
 
         return quantize_output

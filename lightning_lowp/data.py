@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
+import math
 import os
 import struct
 import zlib
@@ -81,48 +83,95 @@ _IDX_DTYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4
 # ---- IDX files ------------------------------------------------------------------------
 
 
-def read_idx(path: str | Path) -> torch.Tensor:
+def read_idx(path: str | Path, *, dtype: torch.dtype | None = None, ndim: int | None = None) -> torch.Tensor:
     """An IDX file (``.gz`` or raw, told apart by content) as a tensor of its shape and type.
+
+    The header is checked before any data is read: the size it claims is compared with the
+    file's size (raw files) or with the data actually decompressed (gzip, read in chunks), so a
+    header claiming absurd dimensions is an error, never a huge allocation.
 
     Args:
         path: the IDX file, gzipped or raw.
+        dtype: if given, the type the file must hold (e.g. ``torch.uint8``); checked on the
+            header, before the data is read.
+        ndim: if given, the number of dimensions the file must have (3 for images, 1 for
+            labels); checked on the header.
 
     Returns:
         The file's data, of the shape its header gives: uint8 data (images, labels) comes back
         as ``torch.uint8``; other types in their native width.
 
     Raises:
-        ValueError: naming the file, on gzip data that does not decompress (a truncated or
-            corrupt download; the gzip error is chained), a bad magic number or a size that
-            does not match the header.
+        ValueError: naming the file, on an empty file, gzip data that does not decompress (a
+            truncated or corrupt download; the gzip error is chained), a bad magic number (not
+            IDX, or not the ``dtype``/``ndim`` asked for), a truncated header, or data whose
+            size does not match the header (truncated, trailing bytes, or absurd dimensions).
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        # EOFError: truncated; BadGzipFile (an OSError): bad header or CRC; zlib.error: bad deflate data
-        except (EOFError, OSError, zlib.error) as err:
-            raise ValueError(
-                f"{path} is a corrupt gzip file ({type(err).__name__}: {err}); delete it and download or copy it again"
-            ) from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) - header != count * dtype.itemsize:
+    with open(path, "rb") as raw:
+        if raw.read(2) == b"\x1f\x8b":
+            raw.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                    return _read_idx_stream(path, unzipped, None, dtype, ndim)
+            # EOFError: truncated; BadGzipFile (an OSError): bad header or CRC; zlib.error: bad deflate data
+            except (EOFError, OSError, zlib.error) as err:
+                raise ValueError(
+                    f"{path} is a corrupt gzip file ({type(err).__name__}: {err}); "
+                    "delete it and download or copy it again"
+                ) from err
+        raw.seek(0)
+        return _read_idx_stream(path, raw, os.fstat(raw.fileno()).st_size, dtype, ndim)
+
+
+_CHUNK = 1 << 20  # bytes read at a time from a gzip file, whose data size is known only once read
+
+
+def _read_idx_stream(
+    path: Path, f: io.BufferedIOBase, size: int | None, dtype: torch.dtype | None, ndim: int | None
+) -> torch.Tensor:
+    """``read_idx`` of an open stream: ``size`` is the stream's length in bytes, if known (raw files)."""
+    magic = f.read(4)
+    if not magic:
+        empty = "is empty" if size is not None else "decompresses to nothing"
+        raise ValueError(f"{path} {empty}: not an IDX file; delete it and download or copy it again")
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {magic.hex()})")
+    np_dtype = np.dtype(_IDX_DTYPES[magic[2]])
+    file_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype.newbyteorder("="))).dtype
+    if dtype is not None and file_dtype != dtype:
         raise ValueError(
-            f"{path}: header says shape {tuple(shape)} ({count * dtype.itemsize} bytes of data), "
-            f"file has {len(data) - header}"
+            f"{path}: the IDX header (magic number {magic.hex()}) says {file_dtype} data, expected {dtype}"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+    if ndim is not None and magic[3] != ndim:
+        raise ValueError(
+            f"{path}: the IDX header (magic number {magic.hex()}) says {magic[3]} dimensions, expected {ndim}"
+        )
+    dims = f.read(4 * magic[3])
+    if len(dims) < 4 * magic[3]:
+        raise ValueError(
+            f"{path}: truncated IDX header ({4 + len(dims)} bytes, {magic[3]} dimensions need {4 + 4 * magic[3]})"
+        )
+    shape = struct.unpack(f">{magic[3]}I", dims)
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow, whatever the header says
+    claim = f"header says shape {tuple(shape)} ({expected} bytes of data)"
+    if size is not None:  # a raw file: its size is known before anything is allocated
+        if size - 4 - len(dims) != expected:
+            raise ValueError(f"{path}: {claim}, file has {size - 4 - len(dims)}")
+        payload: bytes | bytearray = f.read(expected)
+    else:  # gzip: read in chunks, so memory follows the data really there, not the header's claim
+        payload = bytearray()
+        while len(payload) < expected:
+            chunk = f.read(min(_CHUNK, expected - len(payload)))
+            if not chunk:
+                break
+            payload += chunk
+    if len(payload) != expected:
+        raise ValueError(f"{path}: {claim}, file has {len(payload)}")
+    if f.read(1):  # also makes gzip check its CRC and length at the end of the stream
+        raise ValueError(f"{path}: {claim}, file has more (trailing data)")
+    array = np.frombuffer(payload, dtype=np_dtype).reshape(shape)
+    return torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
 
 
 def _find_file(directory: Path, name: str) -> Path | None:
@@ -231,6 +280,8 @@ class MNISTFamily(pl.LightningDataModule):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        # Saved as a str, not a Path: a checkpoint's hyperparameters then load with weights_only=True.
+        data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
@@ -367,12 +418,18 @@ class MNISTFamily(pl.LightningDataModule):
 
     def _load(self, name: str, directory: Path, split: str, limit: int | None) -> TensorDataset:
         image_file, label_file = (_require_file(directory, n) for n in _SPLITS[split])
-        images, labels = read_idx(image_file), read_idx(label_file)
-        if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"{image_file} / {label_file}: expected (N, H, W) images and N labels, "
-                f"got {tuple(images.shape)} and {tuple(labels.shape)}"
-            )
+        # uint8 (N, 28, 28) images and N uint8 labels in 0..9: type and rank are checked on the
+        # headers, before any data is read
+        images = read_idx(image_file, dtype=torch.uint8, ndim=3)
+        labels = read_idx(label_file, dtype=torch.uint8, ndim=1)
+        if tuple(images.shape[1:]) != self.dims[1:]:
+            raise ValueError(f"{image_file}: expected 28x28 images, got shape {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels")
+        if len(labels) == 0:
+            raise ValueError(f"{image_file} and {label_file} hold no examples")
+        if int(labels.max()) >= self.num_classes:
+            raise ValueError(f"{label_file}: labels must be 0..{self.num_classes - 1}, found {int(labels.max())}")
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         stats = DATASETS[name]

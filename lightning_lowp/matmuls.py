@@ -56,8 +56,9 @@ above (``F.unfold``, its K reordered from (C_in, kh, kw) to (kh, kw, C_in)):
 - wgrad: ``dW[co, k] = Σ_m dy[m, co] · cols[m, k]`` over m = (H_out, W_out, batch), the batch
   innermost (padded with zero rows by ``wgrad_hadamard``).
 
-Conv1d runs as a conv2d of height 1. Stochastic accumulation rounding draws from torch's
-default generator, as the operands' stochastic rounding does.
+Conv1d runs as a conv2d of height 1. Stochastic rounding of the operands and of the
+accumulation draws from the ``generator`` given (the callback's own stream; torch's default
+generator when ``None``).
 """
 
 from __future__ import annotations
@@ -247,6 +248,14 @@ class MatmulSettings:
         acc: Accumulation | None = getattr(self, f"{gemm}_accumulate")
         return acc
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether any operand or accumulation rounds stochastically (and so draws random bits)."""
+        accumulations = [self.accumulation_for(g) for g in GEMMS]
+        return any(getattr(self, f"{r}_rounding") == "stochastic" for r in OPERAND_ROLES) or any(
+            a is not None and a.rounding == "stochastic" for a in accumulations
+        )
+
     def format_for(self, gemm: str, role: str) -> Format | None:
         """The format of ``role`` in ``gemm`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``); ``None``: float32."""
         if SECOND_USE[role] == gemm:
@@ -256,18 +265,25 @@ class MatmulSettings:
         return getattr(self, role)
 
     def quantize(
-        self, gemm: str, role: str, t: torch.Tensor, axis: int, observer: Observer | None = None
+        self,
+        gemm: str,
+        role: str,
+        t: torch.Tensor,
+        axis: int,
+        observer: Observer | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``t``, the ``role`` operand of ``gemm``, quantized with its blocks along ``axis``.
 
         Returned as is where the format is ``None``; ``observer`` (if given) sees the source and
-        the quantized value.
+        the quantized value; stochastic rounding draws from ``generator`` (torch's default when
+        ``None``).
         """
         fmt = self.format_for(gemm, role)
         if fmt is None:
             return t
         fmt = (along.__wrapped__ if torch.compiler.is_compiling() else along)(fmt, axis)  # compile: no cache
-        q = quantize(t, fmt, getattr(self, f"{role}_rounding"))
+        q = quantize(t, fmt, getattr(self, f"{role}_rounding"), generator)
         if observer is not None:
             observer(f"{gemm}.{role}", t, q, fmt)
         return q
@@ -310,15 +326,17 @@ def random_hadamard(t: torch.Tensor, seed: int, dim: int = -2) -> torch.Tensor:
     return out.movedim(-1, dim)
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, accumulation: Accumulation | None) -> torch.Tensor:
+def _gemm(
+    a: torch.Tensor, b: torch.Tensor, accumulation: Accumulation | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``a @ b`` (batch dims broadcast): torch's float32 GEMM, or summed in k order as ``accumulation`` says.
 
-    Stochastic accumulation rounding draws its keys from torch's default generator, as the
-    operands' stochastic rounding does, so a seed (``L.seed_everything``) fixes the bits.
+    Stochastic accumulation rounding draws its keys from ``generator`` (torch's default when
+    ``None``), as the operands' stochastic rounding does.
     """
     if accumulation is None:
         return torch.matmul(a, b)
-    return accumulate_gemm(a, b, accumulation).to(torch.promote_types(a.dtype, b.dtype))
+    return accumulate_gemm(a, b, accumulation, generator).to(torch.promote_types(a.dtype, b.dtype))
 
 
 class QuantizedLinearFunction(torch.autograd.Function):
@@ -339,15 +357,17 @@ class QuantizedLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         settings: MatmulSettings,
         observer: Observer | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.settings, ctx.observer = settings, observer
+        ctx.settings, ctx.observer, ctx.generator = settings, observer, generator
         ctx.has_bias = bias is not None
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         y = _gemm(
-            settings.quantize("fprop", "input", x2, -1, observer),
-            settings.quantize("fprop", "weight", weight, -1, observer).mT,
+            settings.quantize("fprop", "input", x2, -1, observer, generator),
+            settings.quantize("fprop", "weight", weight, -1, observer, generator).mT,
             settings.accumulation_for("fprop"),
+            generator,
         )
         if bias is not None:
             y = y + bias
@@ -357,14 +377,15 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         s: MatmulSettings = ctx.settings
-        obs = ctx.observer
+        obs, gen = ctx.observer, ctx.generator
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dgrad: along N
             dx = _gemm(
-                s.quantize("dgrad", "grad_output", dy2, -1, obs),
-                s.quantize("dgrad", "weight", weight, -2, obs),
+                s.quantize("dgrad", "grad_output", dy2, -1, obs, gen),
+                s.quantize("dgrad", "weight", weight, -2, obs, gen),
                 s.accumulation_for("dgrad"),
+                gen,
             )
             dx = dx.reshape(x.shape)
         if ctx.needs_input_grad[1]:  # wgrad: along M
@@ -372,13 +393,14 @@ class QuantizedLinearFunction(torch.autograd.Function):
             if s.wgrad_hadamard:
                 dy2, x2 = random_hadamard(dy2, s.hadamard_seed), random_hadamard(x2, s.hadamard_seed)
             dw = _gemm(
-                s.quantize("wgrad", "grad_output", dy2, -2, obs).mT,
-                s.quantize("wgrad", "input", x2, -2, obs),
+                s.quantize("wgrad", "grad_output", dy2, -2, obs, gen).mT,
+                s.quantize("wgrad", "input", x2, -2, obs, gen),
                 s.accumulation_for("wgrad"),
+                gen,
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, weight.shape[0]).sum(0)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class QuantizedMatmulFunction(torch.autograd.Function):
@@ -392,16 +414,22 @@ class QuantizedMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings, observer: Observer | None = None
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        settings: MatmulSettings,
+        observer: Observer | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        ctx.settings, ctx.observer = settings, observer
+        ctx.settings, ctx.observer, ctx.generator = settings, observer, generator
         a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (…, M, K)
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (…, K, N)
         y = _gemm(
-            settings.quantize("fprop", "input", a2, -1, observer),
-            settings.quantize("fprop", "weight", b2, -2, observer),
+            settings.quantize("fprop", "input", a2, -1, observer, generator),
+            settings.quantize("fprop", "weight", b2, -2, observer, generator),
             settings.accumulation_for("fprop"),
+            generator,
         )
         if a.dim() == 1:
             y = y.squeeze(-2)
@@ -413,7 +441,7 @@ class QuantizedMatmulFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, b = ctx.saved_tensors
         s: MatmulSettings = ctx.settings
-        obs = ctx.observer
+        obs, gen = ctx.observer, ctx.generator
         a2 = a.unsqueeze(0) if a.dim() == 1 else a
         b2 = b.unsqueeze(-1) if b.dim() == 1 else b
         if b.dim() == 1:
@@ -423,25 +451,33 @@ class QuantizedMatmulFunction(torch.autograd.Function):
         da = db = None
         if ctx.needs_input_grad[0]:  # along N
             da = _gemm(
-                s.quantize("dgrad", "grad_output", dy, -1, obs),
-                s.quantize("dgrad", "weight", b2, -1, obs).mT,
+                s.quantize("dgrad", "grad_output", dy, -1, obs, gen),
+                s.quantize("dgrad", "weight", b2, -1, obs, gen).mT,
                 s.accumulation_for("dgrad"),
+                gen,
             )
             da = da.sum_to_size(a2.shape).reshape(a.shape)
         if ctx.needs_input_grad[1]:  # along M
             if s.wgrad_hadamard:
                 a2, dy = random_hadamard(a2, s.hadamard_seed), random_hadamard(dy, s.hadamard_seed)
             db = _gemm(
-                s.quantize("wgrad", "input", a2, -2, obs).mT,
-                s.quantize("wgrad", "grad_output", dy, -2, obs),
+                s.quantize("wgrad", "input", a2, -2, obs, gen).mT,
+                s.quantize("wgrad", "grad_output", dy, -2, obs, gen),
                 s.accumulation_for("wgrad"),
+                gen,
             )
             db = db.sum_to_size(b2.shape).reshape(b.shape)
-        return da, db, None, None
+        return da, db, None, None, None
 
 
 def _conv_quantize(
-    s: MatmulSettings, gemm: str, role: str, t: torch.Tensor, axis: int, observer: Observer | None
+    s: MatmulSettings,
+    gemm: str,
+    role: str,
+    t: torch.Tensor,
+    axis: int,
+    observer: Observer | None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """A conv operand quantized as its implicit GEMM's matrices: dims 0 and 1 are the GEMM's axes.
 
@@ -452,12 +488,12 @@ def _conv_quantize(
     fmt = s.format_for(gemm, role)
     if isinstance(fmt, ScaledFormat) and isinstance(fmt.block, tuple):  # tiles: (dim 0 x dim 1) per pixel
         view = t.movedim((0, 1), (-2, -1))
-        return s.quantize(gemm, role, view, axis, observer).movedim((-2, -1), (0, 1))
+        return s.quantize(gemm, role, view, axis, observer, generator).movedim((-2, -1), (0, 1))
     # runs and rows: the block dim moved last and made contiguous, the kernels' fastest layout
     # (a copy at memory speed; along a strided dim they would gather every block)
     dim = 1 if axis == -1 else 0
     view = t.movedim(dim, -1).contiguous()
-    return s.quantize(gemm, role, view, -1, observer).movedim(-1, dim)
+    return s.quantize(gemm, role, view, -1, observer, generator).movedim(-1, dim)
 
 
 def _im2col(x: torch.Tensor, kernel: tuple[int, int], conv: tuple[tuple[int, ...], ...]) -> torch.Tensor:
@@ -500,6 +536,7 @@ def _gemm_conv(
     w_shape: torch.Size,
     conv: tuple[tuple[int, ...], ...],
     accumulation: Accumulation,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One GEMM of a conv as an explicit implicit GEMM (im2col), accumulated as ``accumulation`` says.
 
@@ -515,7 +552,7 @@ def _gemm_conv(
         conv = tuple(((0,) if i == 1 else (1,)) + v for i, v in enumerate(conv))  # height: stride 1, no padding
     kernel = (w_shape[2], w_shape[3])
     if gemm == "fprop":  # over K = (kh, kw, C_in)
-        y = _gemm(_im2col(a, kernel, conv), _weight_matrix(b).mT, accumulation)  # (L*N, C_out)
+        y = _gemm(_im2col(a, kernel, conv), _weight_matrix(b).mT, accumulation, generator)  # (L*N, C_out)
         stride, padding, dilation = conv
         h_out, w_out = (
             (x_shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
@@ -523,10 +560,10 @@ def _gemm_conv(
         out = y.reshape(h_out, w_out, x_shape[0], w_shape[0]).permute(2, 3, 0, 1)
     elif gemm == "dgrad":  # over C_out, then col2im
         dy = a.permute(2, 3, 0, 1).reshape(-1, a.shape[1])  # (L*N, C_out)
-        out = _col2im(_gemm(dy, _weight_matrix(b), accumulation), x_shape, conv, kernel)
+        out = _col2im(_gemm(dy, _weight_matrix(b), accumulation, generator), x_shape, conv, kernel)
     else:  # wgrad: over M = (H_out, W_out, batch)
         dy = a.permute(1, 2, 3, 0).reshape(a.shape[1], -1)  # (C_out, L*N)
-        dw = _gemm(dy, _im2col(b, kernel, conv), accumulation)  # (C_out, K)
+        dw = _gemm(dy, _im2col(b, kernel, conv), accumulation, generator)  # (C_out, K)
         out = dw.reshape(w_shape[0], kernel[0], kernel[1], w_shape[1]).permute(0, 3, 1, 2)
     return (out.squeeze(2) if one_d else out).contiguous()
 
@@ -552,18 +589,19 @@ class QuantizedConvFunction(torch.autograd.Function):
         dilation: tuple[int, ...],
         settings: MatmulSettings,
         observer: Observer | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.settings, ctx.observer = settings, observer
+        ctx.settings, ctx.observer, ctx.generator = settings, observer, generator
         ctx.conv = (stride, padding, dilation)
         ctx.has_bias = bias is not None
         conv = F.conv1d if x.dim() == 3 else F.conv2d
-        qx = _conv_quantize(settings, "fprop", "input", x, -1, observer)
-        qw = _conv_quantize(settings, "fprop", "weight", weight, -1, observer)
+        qx = _conv_quantize(settings, "fprop", "input", x, -1, observer, generator)
+        qw = _conv_quantize(settings, "fprop", "weight", weight, -1, observer, generator)
         acc = settings.accumulation_for("fprop")
         if acc is None:
             return conv(qx, qw, bias, stride, padding, dilation)
-        y = _gemm_conv("fprop", qx, qw, x.shape, weight.shape, ctx.conv, acc)
+        y = _gemm_conv("fprop", qx, qw, x.shape, weight.shape, ctx.conv, acc, generator)
         if bias is not None:
             y = y + bias.reshape(-1, *(1,) * (y.dim() - 2))
         return y
@@ -572,7 +610,7 @@ class QuantizedConvFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         s: MatmulSettings = ctx.settings
-        obs = ctx.observer
+        obs, gen = ctx.observer, ctx.generator
         stride, padding, dilation = ctx.conv
         conv_input, conv_weight = (
             (nn_grad.conv1d_input, nn_grad.conv1d_weight)
@@ -581,27 +619,27 @@ class QuantizedConvFunction(torch.autograd.Function):
         )
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # dgrad: along C_out
-            qdy = _conv_quantize(s, "dgrad", "grad_output", dy, -1, obs)
-            qw = _conv_quantize(s, "dgrad", "weight", weight, -2, obs)
+            qdy = _conv_quantize(s, "dgrad", "grad_output", dy, -1, obs, gen)
+            qw = _conv_quantize(s, "dgrad", "weight", weight, -2, obs, gen)
             acc = s.accumulation_for("dgrad")
             if acc is None:
                 dx = conv_input(x.shape, qw, qdy, stride, padding, dilation)
             else:
-                dx = _gemm_conv("dgrad", qdy, qw, x.shape, weight.shape, ctx.conv, acc)
+                dx = _gemm_conv("dgrad", qdy, qw, x.shape, weight.shape, ctx.conv, acc, gen)
         if ctx.needs_input_grad[1]:  # wgrad: along the batch
             xs, dys = x, dy
             if s.wgrad_hadamard:
                 xs, dys = random_hadamard(x, s.hadamard_seed, 0), random_hadamard(dy, s.hadamard_seed, 0)
-            qx = _conv_quantize(s, "wgrad", "input", xs, -2, obs)
-            qdy = _conv_quantize(s, "wgrad", "grad_output", dys, -2, obs)
+            qx = _conv_quantize(s, "wgrad", "input", xs, -2, obs, gen)
+            qdy = _conv_quantize(s, "wgrad", "grad_output", dys, -2, obs, gen)
             acc = s.accumulation_for("wgrad")
             if acc is None:
                 dw = conv_weight(qx, weight.shape, qdy, stride, padding, dilation)
             else:
-                dw = _gemm_conv("wgrad", qdy, qx, qx.shape, weight.shape, ctx.conv, acc)
+                dw = _gemm_conv("wgrad", qdy, qx, qx.shape, weight.shape, ctx.conv, acc, gen)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum([0, *range(2, dy.dim())])
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _check_settings(settings: object) -> None:
@@ -615,6 +653,7 @@ def quantized_linear(
     bias: torch.Tensor | None = None,
     settings: MatmulSettings | None = None,
     observer: Observer | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``F.linear(input, weight, bias)`` with its three GEMMs' operands quantized.
 
@@ -624,6 +663,7 @@ def quantized_linear(
         bias: (N,) or ``None``; added in float32 and not quantized.
         settings: the operands' formats; ``None`` is plain ``F.linear``.
         observer: called with each quantized operand (see ``Observer``).
+        generator: what stochastic rounding draws from (torch's default generator when ``None``).
 
     Returns:
         y, (…, N), differentiable in input, weight and bias.
@@ -637,11 +677,15 @@ def quantized_linear(
     _check_settings(settings)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
-    return QuantizedLinearFunction.apply(input, weight, bias, settings, observer)
+    return QuantizedLinearFunction.apply(input, weight, bias, settings, observer, generator)
 
 
 def quantized_matmul(
-    a: torch.Tensor, b: torch.Tensor, settings: MatmulSettings | None = None, observer: Observer | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    settings: MatmulSettings | None = None,
+    observer: Observer | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``torch.matmul(a, b)`` with its GEMMs' operands quantized: a in ``input``'s format, b in ``weight``'s.
 
@@ -650,6 +694,7 @@ def quantized_matmul(
         b: (…, K, N) (or (K,)); batch dims broadcast as in ``torch.matmul``.
         settings: the operands' formats; ``None`` is plain ``torch.matmul``.
         observer: called with each quantized operand (see ``Observer``).
+        generator: what stochastic rounding draws from (torch's default generator when ``None``).
 
     Returns:
         The product, differentiable in a and b.
@@ -657,7 +702,7 @@ def quantized_matmul(
     if settings is None:
         return torch.matmul(a, b)
     _check_settings(settings)
-    return QuantizedMatmulFunction.apply(a, b, settings, observer)
+    return QuantizedMatmulFunction.apply(a, b, settings, observer, generator)
 
 
 def quantized_conv(
@@ -670,6 +715,7 @@ def quantized_conv(
     groups: int = 1,
     settings: MatmulSettings | None = None,
     observer: Observer | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``F.conv1d`` / ``F.conv2d`` (by ``input``'s dims) with its implicit GEMMs' operands quantized.
 
@@ -683,6 +729,7 @@ def quantized_conv(
         groups: must be 1 (a block along channels would cross groups).
         settings: the operands' formats; ``None`` is plain ``F.conv1d`` / ``F.conv2d``.
         observer: called with each quantized operand (see ``Observer``).
+        generator: what stochastic rounding draws from (torch's default generator when ``None``).
 
     Returns:
         The convolution, differentiable in input, weight and bias.
@@ -726,7 +773,7 @@ def quantized_conv(
             input = F.pad(input, pad_args)
     else:
         pads = ints(padding, "padding")
-    return QuantizedConvFunction.apply(input, weight, bias, strides, pads, dilations, settings, observer)
+    return QuantizedConvFunction.apply(input, weight, bias, strides, pads, dilations, settings, observer, generator)
 
 
 # ---- the callback ---------------------------------------------------------------------------
@@ -771,7 +818,9 @@ class _MatmulMode(TorchFunctionMode):
             x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
             if len(bound) <= 3 and _plain(x, w) and w.dim() == 2 and (b is None or _plain(b)):  # type: ignore[union-attr]
                 owner.counts[(name, "linear")] += 1
-                return QuantizedLinearFunction.apply(x, w, b, settings, owner._observer(name))
+                return QuantizedLinearFunction.apply(
+                    x, w, b, settings, owner._observer(name), owner._generator(settings)
+                )
         elif func in _CONVS:
             keys = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             bound = dict(zip(keys, args, strict=False), **kwargs)
@@ -779,10 +828,13 @@ class _MatmulMode(TorchFunctionMode):
             if _plain(x, w) and (b is None or _plain(b)):
                 owner.counts[(name, "conv")] += 1
                 bound.pop("input")
-                return quantized_conv(x, settings=settings, observer=owner._observer(name), **bound)  # type: ignore[arg-type]
+                observer, generator = owner._observer(name), owner._generator(settings)
+                return quantized_conv(x, settings=settings, observer=observer, generator=generator, **bound)  # type: ignore[arg-type]
         elif owner.attention and func in _MATMULS and not kwargs and len(args) == 2 and _plain(*args):
             owner.counts[(name, "matmul")] += 1
-            return QuantizedMatmulFunction.apply(args[0], args[1], settings, owner._observer(name))
+            return QuantizedMatmulFunction.apply(
+                args[0], args[1], settings, owner._observer(name), owner._generator(settings)
+            )
         return func(*args, **kwargs)
 
 
@@ -1007,6 +1059,10 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
+
+    def _generator(self, settings: MatmulSettings) -> torch.Generator | None:
+        """The callback's own random stream where ``settings`` round stochastically, else ``None``."""
+        return self.generator if settings.stochastic else None
 
     def _observer(self, name: str) -> Observer | None:
         """The observer of module ``name``'s operands now (``None`` outside sampled steps)."""

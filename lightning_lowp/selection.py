@@ -4,14 +4,25 @@
 modules the same way (types, fnmatch name patterns, a predicate, per-module overrides), attach
 their hooks when fit, validate, test or predict starts and remove them when it ends (also after
 an exception). Each subclass says what it hooks into a module (:meth:`_hook_module`).
+
+Stochastic rounding in the hooks draws from the callback's own generator, never torch's global
+one, so that the bits depend neither on how many random numbers the user's code draws nor on
+whether the run was interrupted: the generator is re-seeded before every batch from the
+callback's seed, the rank, the stage, the epoch and the batch index (a hash of the five). The
+seed comes from torch's seed (``seed_everything``) on rank 0, broadcast to the others when fit,
+validate, test or predict starts, and is saved in the checkpoint (``state_dict``): a resumed
+run rounds every later batch as the uninterrupted run would, whatever the resumed process
+seeded. Under DDP every rank draws its own bits (each rank's activations and errors are its
+own); the weights, which the plugin rounds, stay identical across ranks.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -19,9 +30,26 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-__all__ = ["ModuleHookCallback"]
+__all__ = ["ModuleHookCallback", "stream_seed"]
 
 S = TypeVar("S")
+_MASK64 = (1 << 64) - 1
+_STAGES = {"train": 1, "validate": 2, "test": 3, "predict": 4}
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(*values: int) -> int:
+    """A 63-bit seed hashed from ``values`` (SplitMix64 over each in turn)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
 
 
 class ModuleHookCallback(pl.Callback, Generic[S]):
@@ -61,6 +89,9 @@ class ModuleHookCallback(pl.Callback, Generic[S]):
         self.hooked: dict[str, S] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached = False  # (also with no module selected, when there are no handles)
+        #: What stochastic rounding in the hooks draws from (see the module docstring).
+        self.generator = torch.Generator()
+        self.seed: int | None = None
 
     # ---- selection ------------------------------------------------------------------
 
@@ -149,6 +180,62 @@ class ModuleHookCallback(pl.Callback, Generic[S]):
             yield
         finally:
             self.enabled = previous
+
+    # ---- the random stream -----------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.seed is None:  # (a checkpoint's seed, restored after setup, replaces it)
+            seed = stream_seed(torch.initial_seed(), zlib.crc32(type(self).__name__.encode()))
+            self.seed = int(trainer.strategy.broadcast(seed, src=0))
+
+    def _reseed(self, trainer: pl.Trainer, stage: str, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.seed is None:  # used outside a Trainer's setup
+            self.seed = stream_seed(torch.initial_seed(), zlib.crc32(type(self).__name__.encode()))
+        key = (self.seed, trainer.global_rank, _STAGES[stage], trainer.current_epoch, batch_idx, dataloader_idx)
+        self.generator.manual_seed(stream_seed(*key))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._reseed(trainer, "train", batch_idx)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._reseed(trainer, "validate", batch_idx, dataloader_idx)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._reseed(trainer, "test", batch_idx, dataloader_idx)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._reseed(trainer, "predict", batch_idx, dataloader_idx)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per configuration, so that two such callbacks (other modules, other formats) can
+        # share a Trainer and each finds its own seed in the checkpoint
+        types = None if self.module_types is None else [t.__name__ for t in self.module_types]
+        return self._generate_state_key(settings=self._describe(), modules=types, names=self.names)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict.get("seed", self.seed)
+
+    # ---- the stages -------------------------------------------------------------------
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
