@@ -15,11 +15,17 @@ The names, argument names, defaults (``"stochastic"`` rounding) and semantics ar
 (``qtorch/number.py``, ``qtorch/quant/quant_function.py``, ``qtorch/optim/optim_low.py``); the
 arithmetic is lightning_lowp's (``lightning_lowp.quantize``), correctly rounded:
 
-* ``FloatingPoint(exp, man)`` is ``lightning_lowp.FloatingPoint(exp, man, subnormals=True,
-  specials="ieee", overflow="saturate")``: bias 2^(exp-1)-1, IEEE's largest exponent
-  (largest value (2-2^-man)*2^(2^(exp-1)-1)), IEEE subnormals, no Inf or NaN codes - results
-  past the largest value and +-Inf inputs saturate to +-max. ``"nearest"`` rounds ties away
-  from zero (QPyTorch adds half an ulp to the magnitude bits and truncates).
+* ``FloatingPoint(exp, man)`` (exp 1..7) is ``lightning_lowp.FloatingPoint(exp, man,
+  subnormals=True, specials="none", overflow="saturate")``, QPyTorch's format: bias
+  2^(exp-1)-1, smallest normal exponent 2-2^(exp-1), IEEE subnormals, and every exponent code
+  a number (no Inf or NaN codes), so the largest value is (2-2^-man)*2^(2^(exp-1)) - 131008 for
+  exp=5, man=10, not IEEE half's 65504. Results past it and +-Inf saturate to +-max.
+  ``FloatingPoint(8, man)`` is ``lightning_lowp.FloatingPoint(8, man, subnormals=True,
+  specials="ieee", overflow="inf")``: QPyTorch's top binade would be [2^128, 2^129), past
+  float32, and its float32 kernels never clamp at exp=8 (the exponent code that would be clamped
+  is float32's Inf), so a result past (2-2^-man)*2^127 is +-Inf and +-Inf stays +-Inf, as there.
+  ``"nearest"`` rounds ties away from zero (QPyTorch adds half an ulp to the magnitude bits and
+  truncates).
 * ``FixedPoint(wl, fl, clamp, symmetric)`` and ``BlockFloatingPoint(wl, dim)`` are
   lightning_lowp's formats of the same names. QPyTorch rounds them to nearest with ties toward
   +inf (``floor(x*2^fl + 0.5)``; block floating point adds half a step to the positive word
@@ -33,9 +39,12 @@ arithmetic is lightning_lowp's (``lightning_lowp.quantize``), correctly rounded:
   seeded by ``std::random_device``, which no seed reaches).
 
 Where QPyTorch's float32 bit tricks double-round, the result here is the correctly rounded one;
-NaN stays NaN (QPyTorch's floats turn it into +-max), zero keeps its sign, a block's exponent
-comes from its largest *finite* magnitude (QPyTorch: a block holding Inf or NaN becomes NaN),
-and ``BlockFloatingPoint(1)`` gives zeros (QPyTorch: 0 or +-2^E).
+NaN stays NaN (QPyTorch's floats with exp < 8 turn it into +-max), zero keeps its sign, a
+block's exponent comes from its largest *finite* magnitude (QPyTorch: a block holding Inf or
+NaN becomes NaN; its CPU kernel with ``dim >= 0`` takes |max x| rather than max |x|, so a block
+whose largest magnitude is negative gets too small an exponent and is clipped; a block maximum
+of 2^126 or more overflows its float32 ``6*2^E`` to NaN), and ``BlockFloatingPoint(1)`` gives
+zeros (QPyTorch: 0 or +-2^E).
 """
 
 from __future__ import annotations
@@ -159,11 +168,14 @@ class FixedPoint(Number):
 class FloatingPoint(Number):
     """QPyTorch's ``FloatingPoint(exp, man)``.
 
-    Bias 2^(exp-1)-1, IEEE exponent range and subnormals, no Inf/NaN codes (overflow and +-Inf
-    saturate to +-max).
+    Bias 2^(exp-1)-1, smallest normal exponent 2-2^(exp-1), IEEE subnormals, and no Inf/NaN
+    codes: every exponent code is a number, so the largest value is (2-2^-man)*2^(2^(exp-1));
+    results past it and +-Inf saturate to +-max. ``exp=8`` is float32's exponent range, where
+    QPyTorch's float32 kernels cannot hold that top binade: a result past (2-2^-man)*2^127 is
+    +-Inf there and here.
 
     Args:
-        exp: exponent bits, 2..8 (QPyTorch's exp=1 has no normal numbers).
+        exp: exponent bits, 1..8.
         man: mantissa bits, 0..23.
 
     Raises:
@@ -178,9 +190,12 @@ class FloatingPoint(Number):
 
     @override
     def to_lowp(self) -> _lp.FloatingPoint:
-        # QPyTorch accepts exp=1, but with its IEEE exponent range that format has no normal numbers.
-        _lp.check_int("exp", self.exp, 2, 8, " (exp=1 has no normal numbers in QPyTorch's IEEE exponent range)")
-        return _lp.FloatingPoint(self.exp, self.man, subnormals=True, specials="ieee", overflow="saturate")
+        _lp.check_int("exp", self.exp, 1, 8)
+        if self.exp == 8:
+            # QPyTorch's clip_exponent clamps at exponent code 2^(exp-1)+127 = 255, float32's
+            # Inf/NaN code, which no rounded float32 exceeds: float32's overflow to Inf is all.
+            return _lp.FloatingPoint(8, self.man, subnormals=True, specials="ieee", overflow="inf")
+        return _lp.FloatingPoint(self.exp, self.man, subnormals=True, specials="none", overflow="saturate")
 
     def __repr__(self) -> str:
         return f"FloatingPoint (exponent={self.exp}, mantissa={self.man})"

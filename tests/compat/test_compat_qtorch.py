@@ -1,8 +1,8 @@
 """lightning_lowp.compat.qtorch: QPyTorch's API on lightning_lowp's kernels.
 
 The formats map to lightning_lowp formats, the functions equal lightning_lowp.quantize and the
-float64 reference in the mapped rounding mode, QPyTorch's conventions hold (floats: IEEE range,
-subnormals, saturation, ties away from zero; fixed point and block floating point: QPyTorch's
+float64 reference in the mapped rounding mode, QPyTorch's conventions hold (floats: no exponent
+code reserved, IEEE subnormals, saturation, ties away from zero; fixed point and block floating point: QPyTorch's
 floor(x + 1/2) rule wherever it is not a negative exact tie), and Quantizer / quantizer /
 OptimLP do what QPyTorch's do, checked against hand computations.
 """
@@ -37,14 +37,18 @@ def test_formats_map_to_lightning_lowp_formats():
     assert FixedPoint(6, 2, clamp=False, symmetric=True).to_lowp() == lp.FixedPoint(6, 2, clamp=False, symmetric=True)
     assert BlockFloatingPoint(8).to_lowp() == lp.BlockFloatingPoint(8, dim=-1)
     assert BlockFloatingPoint(5, dim=1).to_lowp() == lp.BlockFloatingPoint(5, dim=1)
-    for exp in range(2, 9):
+    for exp in range(1, 9):
         for man in (0, 1, 2, 3, 7, 10, 23):
             fmt = FloatingPoint(exp, man).to_lowp()
-            assert fmt == lp.FloatingPoint(exp, man, subnormals=True, specials="ieee", overflow="saturate")
             bias = 2 ** (exp - 1) - 1
-            # QPyTorch: largest exponent = bias (its max_exponent_store), mantissa all ones;
-            # smallest normal exponent 1 - bias (its min_exp), subnormals below.
-            assert fmt.max_value == (2 - 2.0**-man) * 2.0**bias
+            # QPyTorch: no exponent code reserved (max_exponent_store = 2^(exp-1) + 127), mantissa
+            # all ones at the top; smallest normal exponent 1 - bias (its min_exp), subnormals below.
+            if exp < 8:
+                assert fmt == lp.FloatingPoint(exp, man, subnormals=True, specials="none", overflow="saturate")
+                assert fmt.max_value == (2 - 2.0**-man) * 2.0 ** (bias + 1)
+            else:  # that top binade is past float32: float32's own overflow to Inf, as in QPyTorch
+                assert fmt == lp.FloatingPoint(8, man, subnormals=True, specials="ieee", overflow="inf")
+                assert fmt.max_value == (2 - 2.0**-man) * 2.0**127
             assert fmt.emin == 1 - bias
     for number in (FixedPoint(8, 7), FloatingPoint(5, 2), BlockFloatingPoint(8)):
         assert number.rounding("nearest") == "nearest_away"
@@ -128,6 +132,24 @@ CASES = [
         FloatingPoint(4, 3),
     ),
     ("bf16", lambda r: float_quantize(_float_inputs(8, 7), 8, 7, rounding=r), _float_inputs(8, 7), FloatingPoint(8, 7)),
+    (
+        "float_e1m2",
+        lambda r: float_quantize(_float_inputs(1, 2), 1, 2, rounding=r),
+        _float_inputs(1, 2),
+        FloatingPoint(1, 2),
+    ),
+    (
+        "float_e2m3",
+        lambda r: float_quantize(_float_inputs(2, 3), 2, 3, rounding=r),
+        _float_inputs(2, 3),
+        FloatingPoint(2, 3),
+    ),
+    (
+        "float_e7m5",
+        lambda r: float_quantize(_float_inputs(7, 5), 7, 5, rounding=r),
+        _float_inputs(7, 5),
+        FloatingPoint(7, 5),
+    ),
     ("bfp_tensor", lambda r: block_quantize(_block_inputs(), 6, rounding=r), _block_inputs(), BlockFloatingPoint(6)),
     (
         "bfp_dim0",
@@ -182,19 +204,19 @@ def test_float_rounds_ties_away_from_zero_with_ieee_subnormals():
     assert lp.quantize(f32([1.125]), "fp8_e5m2", "nearest").item() == 1.0
 
 
-def test_float_saturates_and_never_returns_inf():
-    big = (2 - 2.0**-2) * 2.0**15  # e5m2's largest value, 57344
-    x = f32([60000.0, 61440.0, 1e30, np.inf, -np.inf, -61440.0, np.nan])
+def test_float_saturates_below_exp_8():
+    big = (2 - 2.0**-2) * 2.0**16  # e5m2's largest value in QPyTorch, 114688
+    x = f32([1.1e5, 1.2e5, 1e30, np.inf, -np.inf, -1.2e5, np.nan])
     out = float_quantize(x, 5, 2, "nearest")
     assert out[:6].tolist() == [big, big, big, big, -big, -big]
     assert torch.isnan(out[6])  # NaN stays NaN (QPyTorch would give +-max)
     torch.manual_seed(0)
     assert float_quantize(f32([1e30, -np.inf] * 50), 5, 2).abs().max().item() == big
-    # bfloat16 = FloatingPoint(8, 7): float32's largest value saturates instead of overflowing
-    fmax = f32([np.finfo(np.float32).max, -np.inf])
+    # bfloat16 = FloatingPoint(8, 7): past its largest value float32 overflows, in QPyTorch too
+    fmax = f32([np.finfo(np.float32).max, -np.inf, (2 - 2.0**-7) * 2.0**127])
     bf16_max = (2 - 2.0**-7) * 2.0**127
-    assert float_quantize(fmax, 8, 7, "nearest").tolist() == [bf16_max, -bf16_max]
-    assert math.isinf(lp.quantize(fmax, "bf16").tolist()[0])  # the IEEE preset overflows
+    assert float_quantize(fmax, 8, 7, "nearest").tolist() == [np.inf, -np.inf, bf16_max]
+    assert_bits_equal(float_quantize(fmax, 8, 7, "nearest"), lp.quantize(fmax, "bf16", "nearest_away"))
 
 
 def test_bfloat16_equals_torch_cast_except_ties():
@@ -509,7 +531,7 @@ def test_optimlp_param_group_added_later_gets_accumulators(on):
         (lambda: FixedPoint(30, 4), "wl"),
         (lambda: FixedPoint(8, 4, clamp="yes"), "clamp"),
         (lambda: FixedPoint(8, 4, symmetric=1), "symmetric"),
-        (lambda: FloatingPoint(1, 3), "exp"),
+        (lambda: FloatingPoint(0, 3), "exp"),
         (lambda: FloatingPoint(9, 3), "exp"),
         (lambda: FloatingPoint(5, 24), "man"),
         (lambda: BlockFloatingPoint(0), "wl"),
