@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
@@ -17,7 +18,7 @@ from lightning_lowp.formats import FormatLike
 from lightning_lowp.functional import check_dims, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
 
-__all__ = ["LowPrecision", "MOMENT_STATES", "moment_states"]
+__all__ = ["LowPrecision", "MOMENT_STATES", "NONFINITE", "NonFiniteError", "moment_states"]
 
 #: The optimizer state tensors of torch.optim that are running estimates of (functions of) the
 #: parameter's gradients or iterates, one value per element: what ``optimizer_state`` rounds.
@@ -50,6 +51,38 @@ def moment_states(optimizer: Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
 def _trainable(optimizer: Optimizer) -> list[torch.Tensor]:
     """The parameters of ``optimizer`` the plugin quantizes: those that are not frozen."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+#: The accepted values of ``LowPrecision(nonfinite=...)``; the first is the default.
+NONFINITE = ("skip", "error", "ignore")
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or weight of a step of :class:`LowPrecision` (``nonfinite="error"``) is NaN or infinite.
+
+    Attributes:
+        name: the parameter's name in the LightningModule (``"net.0.weight"``).
+        role: ``"grad"``, ``"weight"`` or ``"master_weight"``: the tensor found non-finite.
+        step: the trainer's ``global_step`` at the step (``None`` outside a Trainer).
+    """
+
+    def __init__(self, message: str, name: str, role: str, step: int | None) -> None:
+        super().__init__(message)
+        self.name, self.role, self.step = name, role, step
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one multi-tensor max-norm, one host sync.
+
+    The max-norm (``ord=inf``) of a tensor is NaN if it holds a NaN and inf if it holds an inf,
+    and, unlike the 2-norm, never overflows for finite values.
+    """
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors, float("inf"))
+    device = norms[0].device
+    return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
 
 
 # The roles of the plugin: each quantizes tensors shaped like a parameter.
@@ -86,8 +119,8 @@ class LowPrecision(Precision):
        ``optimizer_state``; step counters and scalars such as ASGD's ``eta`` are not.
 
     Each role is one multi-tensor call over all parameters (:func:`lp.quantize_foreach_`),
-    in place; after the first step (which allocates the master weights) a step allocates no
-    tensors. ``None`` leaves a role in float32. Formats are format objects or spec strings;
+    in place; after the first step (which allocates the master weights) the quantization
+    allocates no tensors. ``None`` leaves a role in float32. Formats are format objects or spec strings;
     ``recipe="bfp8"`` (or ``LowPrecision.from_name("bfp8")``) takes them from a registered
     recipe. Stochastic rounding draws from a generator the plugin owns, seeded from torch's
     seed and broadcast from rank 0, so every rank rounds alike; its state and the master weights
@@ -96,6 +129,19 @@ class LowPrecision(Precision):
     Parameters with ``requires_grad=False`` are frozen: the plugin leaves them alone in every
     role (their values, gradients and optimizer state; no master copy is made), also when they
     are in the optimizer.
+
+    After the step, the gradients (as quantized in 1.), the weights and the master weights are
+    checked for NaN and infinity, in one multi-tensor call with one host sync; ``nonfinite``
+    says what a non-finite value does: ``"skip"`` (the default, as AMP's ``GradScaler``) undoes
+    the step: every weight, master weight and optimizer state is restored bit for bit, as if
+    the step had not been taken (the plugin keeps a copy of them, taken before each step, to
+    that end: memory for one more copy, one multi-tensor copy a step), a warning names the first
+    parameter and role found and training goes on; ``"error"`` raises :class:`NonFiniteError`
+    naming them (the weights are left as the step made them); ``"ignore"`` checks nothing (the
+    behaviour of float training: one NaN gradient turns the weights NaN). The steps found
+    non-finite are counted in :attr:`nonfinite_steps`, saved in checkpoints and, from the first
+    on, logged as ``"lowp/nonfinite_steps"``. Every DDP rank decides alike, as the gradients are
+    averaged across ranks and the weights are the same on every rank.
 
     Every role's format must apply to every trainable parameter of the optimizer: a block
     format's ``dim`` (``bfp(8,dim=1)``, ``mx(fp8_e4m3,32,dim=1)``) must be one the parameter
@@ -116,6 +162,8 @@ class LowPrecision(Precision):
         master_weight_rounding: the rounding mode of ``master_weight``.
         grad_scale: a factor applied to the gradients before they are quantized.
         recipe: a registered recipe's name, instead of the formats.
+        nonfinite: what a step with a non-finite gradient or weight does: ``"skip"`` (undo
+            it), ``"error"`` (raise :class:`NonFiniteError`) or ``"ignore"`` (no check).
 
     Example:
         >>> trainer = L.Trainer(plugins=[lp.LowPrecision.from_name("bfp8")])
@@ -135,6 +183,7 @@ class LowPrecision(Precision):
         master_weight_rounding: str = "nearest",
         grad_scale: float = 1.0,
         recipe: str | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__()
         given: dict[str, Any] = {
@@ -161,12 +210,22 @@ class LowPrecision(Precision):
         if not isinstance(grad_scale, (int, float)) or isinstance(grad_scale, bool) or grad_scale <= 0:
             raise ValueError(f"grad_scale must be a positive number, got {grad_scale!r}")
         self.grad_scale = float(grad_scale)
+        if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}; got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        #: The steps found with a non-finite gradient or weight (skipped, or the one that raised).
+        self.nonfinite_steps = 0
         self.generator = torch.Generator()
         self._seeded = False
         self._module: nn.Module | None = None
         self._master_weights: dict[torch.Tensor, torch.Tensor] = {}
         self._checked: set[torch.Tensor] = set()  # parameters whose shapes suit every role's format
         self._pending_state: dict[str, Any] | None = None
+        # with nonfinite="skip": the copies that undo a step, kept from one step to the next
+        self._copies: dict[torch.Tensor, torch.Tensor] = {}
+        self._saved: tuple[list[torch.Tensor], list[torch.Tensor], set[torch.Tensor], dict[Any, dict[str, Any]]] = (
+            [], [], set(), {},
+        )  # fmt: skip
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LowPrecision:
@@ -175,17 +234,21 @@ class LowPrecision(Precision):
         Args:
             name: a registered recipe's name.
             **overrides: single roles to replace, e.g.
-                ``from_name("bfp8", grad_rounding="stochastic", master_weight=None)``, and ``grad_scale``.
+                ``from_name("bfp8", grad_rounding="stochastic", master_weight=None)``, and
+                ``grad_scale`` and ``nonfinite``.
         """
         grad_scale = overrides.pop("grad_scale", 1.0)
+        nonfinite = overrides.pop("nonfinite", NONFINITE[0])
         unknown = set(overrides) - set(_ARGUMENTS)
         if unknown:
-            raise ValueError(f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_ARGUMENTS)}, grad_scale")
+            raise ValueError(
+                f"unknown arguments {sorted(unknown)}; accepted: {', '.join(_ARGUMENTS)}, grad_scale, nonfinite"
+            )
         recipe = dataclasses.replace(get_recipe(name), **overrides)
-        return cls(**{k: getattr(recipe, k) for k in _ARGUMENTS}, grad_scale=grad_scale)
+        return cls(**{k: getattr(recipe, k) for k in _ARGUMENTS}, grad_scale=grad_scale, nonfinite=nonfinite)
 
     def __repr__(self) -> str:
-        return f"LowPrecision({self.recipe}, grad_scale={self.grad_scale})"
+        return f"LowPrecision({self.recipe}, grad_scale={self.grad_scale}, nonfinite={self.nonfinite!r})"
 
     # ---- Lightning hooks --------------------------------------------------------------
 
@@ -227,11 +290,17 @@ class LowPrecision(Precision):
         params = _trainable(optimizer)
         if not self._checked.issuperset(params):  # a parameter added or unfrozen since the start
             self._check_shapes(params)
+        if self.nonfinite == "skip":
+            with torch.profiler.record_function("LowPrecision.save"):
+                self._save(optimizer, params)
         with torch.profiler.record_function("LowPrecision.before_step"):
             self._before_step(params)
         result = optimizer.step(**kwargs)
         with torch.profiler.record_function("LowPrecision.after_step"):
             self._after_step(optimizer, params)
+        if self.nonfinite != "ignore":
+            with torch.profiler.record_function("LowPrecision.check_finite"):
+                self._check_finite(model, optimizer, params)
         return closure_result if result is None else result
 
     # Each role is one multi-tensor call over all parameters, in place: no per-tensor trips
@@ -264,20 +333,117 @@ class LowPrecision(Precision):
             states = [s for p in params for s in moment_states(optimizer, p)]
             quantize_foreach_(states, r.optimizer_state, r.optimizer_state_rounding, g)
 
+    # ---- non-finite values ------------------------------------------------------------
+
+    @torch.no_grad()
+    def _save(self, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+        """Copy what a step changes (weights, master weights, optimizer state) so that :meth:`_restore` can undo it.
+
+        The copies are allocated at the first step and reused: one multi-tensor copy a step.
+        """
+        sources = list(params)
+        had_master = {p for p in params if p in self._master_weights}
+        sources += [self._master_weights[p] for p in params if p in had_master]
+        states: dict[Any, dict[str, Any]] = {}
+        for p in params:
+            if p in optimizer.state:  # (a defaultdict: `in` does not add p)
+                states[p] = dict(optimizer.state[p])  # the values, tensors and plain ones, as they are now
+                sources += [v for v in states[p].values() if torch.is_tensor(v)]
+        copies = []
+        for t in sources:
+            c = self._copies.get(t)
+            if c is None or c.shape != t.shape or c.dtype != t.dtype or c.device != t.device:
+                c = torch.empty_like(t)
+            copies.append(c)
+        self._copies = dict(zip(sources, copies, strict=True))  # forgets the copies of tensors gone since
+        if sources:
+            torch._foreach_copy_(copies, sources)
+        self._saved = (sources, copies, had_master, states)
+
+    @torch.no_grad()
+    def _restore(self, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+        """Undo the step since :meth:`_save`: the same tensors, with the same values, in the same places."""
+        sources, copies, had_master, states = self._saved
+        if sources:
+            torch._foreach_copy_(sources, copies)
+        for p in params:
+            if p not in had_master:  # made by this step: made again, from the restored weight, at the next
+                self._master_weights.pop(p, None)
+            if p not in states:  # the optimizer's state of p begins at its next step
+                optimizer.state.pop(p, None)
+            else:
+                state = optimizer.state[p]
+                state.clear()
+                state.update(states[p])
+
+    @torch.no_grad()
+    def _check_finite(self, model: pl.LightningModule, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+        """After a step: count, and skip or raise on, a non-finite gradient, weight or master weight."""
+        grads = [p.grad for p in params if p.grad is not None]
+        masters = [self._master_weights[p] for p in params if p in self._master_weights]
+        if not _all_finite(grads + params + masters):
+            name, role, what = self._find_nonfinite(params)
+            self.nonfinite_steps += 1
+            step = model.trainer.global_step if model._trainer is not None else None
+            fmt = getattr(self.recipe, role)
+            where = f"{role} of parameter {name!r}"
+            said = (
+                f"{where} holds {what}"
+                + ("" if fmt is None else f" after quantizing to {role}={fmt}")
+                + ("" if step is None else f" at step {step}")
+            )
+            if self.nonfinite == "error":
+                raise NonFiniteError(
+                    f"LowPrecision: the {said}. Lower the learning rate or grad_scale, use a format of a wider "
+                    "range, or pass nonfinite='skip' to skip such steps (as AMP's GradScaler does)",
+                    name,
+                    role,
+                    step,
+                )
+            self._restore(optimizer, params)
+            rank_zero_warn(f"LowPrecision skipped a step: the {where} was not finite (nonfinite='skip')")
+        if self.nonfinite_steps:
+            self._log(model)
+
+    @torch.no_grad()
+    def _find_nonfinite(self, params: list[torch.Tensor]) -> tuple[str, str, str]:
+        """The name, role and content of the first non-finite tensor: gradients first (the cause), then weights."""
+        names: dict[torch.Tensor, str] = {}
+        if self._module is not None:
+            names = {p: n for n, p in self._module.named_parameters()}
+        found = [("grad", p, p.grad) for p in params if p.grad is not None]
+        found += [("weight", p, p) for p in params]
+        found += [("master_weight", p, self._master_weights[p]) for p in params if p in self._master_weights]
+        for role, p, t in found:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                nan = int(torch.isnan(t).sum())
+                return names.get(p, "?"), role, f"{nan} NaN and {bad - nan} infinite of {t.numel()} values"
+        raise AssertionError("unreachable: the check found a non-finite value")
+
+    def _log(self, model: pl.LightningModule) -> None:
+        """Log :attr:`nonfinite_steps` as ``"lowp/nonfinite_steps"``, where the LightningModule can log."""
+        trainer = model._trainer
+        if trainer is None or trainer.barebones or trainer._results is None or model._current_fx_name is None:
+            return
+        model.log("lowp/nonfinite_steps", float(self.nonfinite_steps))
+
     # ---- state ------------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._module is None:
-            return self._pending_state or {}
+            return {**(self._pending_state or {}), "nonfinite_steps": self.nonfinite_steps}
         names: dict[torch.Tensor, str] = {p: n for n, p in self._module.named_parameters()}
         return {
             "generator": self.generator.get_state(),
             "master_weights": {names[p]: m.clone() for p, m in self._master_weights.items() if p in names},
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))  # 0 from a checkpoint that predates it
         self._pending_state = dict(state_dict)  # applied at the next step, when the parameters are known
         if self._module is not None:
             self._apply_pending()
