@@ -17,6 +17,7 @@ from lightning_lowp.formats import (
     as_format,
     check_rounding,
 )
+from lightning_lowp.sharding import is_dtensor, quantize_dtensor
 
 __all__ = ["quantize", "quantize_", "quantize_foreach_"]
 
@@ -118,7 +119,9 @@ def quantize(
         >>> lp.quantize(torch.tensor([0.3, -1.7]), "fixed(4,1)")
         tensor([ 0.5000, -1.5000])
     """
-    _, kind, params, mode = _check(x, fmt, rounding, generator)
+    fmt_checked, kind, params, mode = _check(x, fmt, rounding, generator)
+    if is_dtensor(x):  # shard-invariant (lightning_lowp.sharding)
+        return quantize_dtensor(x, fmt_checked, rounding, lambda t: quantize(t, fmt_checked, rounding, generator))
     if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return ops.quantize(x, kind, params, mode, generator)  # with its straight-through gradient
     # No gradient to track: skip the operator's autograd layer (Python, ~10 us a call).
@@ -138,7 +141,12 @@ def quantize_(
     in-place ops: a leaf that requires grad is refused, a backward that saved ``x`` before
     refuses to run, and the gradient through ``x`` passes unchanged (straight-through).
     """
-    _, kind, params, mode = _check(x, fmt, rounding, generator)
+    fmt_checked, kind, params, mode = _check(x, fmt, rounding, generator)
+    if is_dtensor(x):
+        q = quantize(x, fmt_checked, rounding, generator)
+        with torch.no_grad():
+            x.to_local().copy_(q.to_local())  # type: ignore[attr-defined]
+        return x
     if x.requires_grad and torch.is_grad_enabled():
         return x.copy_(ops.quantize(x, kind, params, mode, generator))  # copy_ records the in-place write
     ops.quantize_(x, kind, params, mode, generator)
@@ -198,6 +206,13 @@ def quantize_foreach_(
                 f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
             )
     fmt, kind, params, mode = _check(tensors[0], fmt, rounding, generator)
+    if any(is_dtensor(t) or is_dtensor(s) for t, s in zip(tensors, sources, strict=True)):
+        # one tensor at a time, in list order: the same keys as the multi-tensor call draws
+        for t, s in zip(tensors, sources, strict=True):
+            q = quantize(s, fmt, rounding, generator)
+            with torch.no_grad():
+                (t.to_local() if is_dtensor(t) else t).copy_(q.to_local() if is_dtensor(q) else q)  # type: ignore[attr-defined]
+        return
     if isinstance(fmt, (BlockFloatingPoint, ScaledFormat)):  # every tensor needs the blocking dim
         for t in tensors[1:]:
             _check(t, fmt, rounding, None)

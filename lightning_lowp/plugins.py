@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_lowp.formats import FormatLike
 from lightning_lowp.functional import check_dims, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
+from lightning_lowp.sharding import is_dtensor
 
 __all__ = ["LowPrecision", "MOMENT_STATES", "NONFINITE", "NonFiniteError", "moment_states"]
 
@@ -71,18 +72,35 @@ class NonFiniteError(FloatingPointError):
         self.name, self.role, self.step = name, role, step
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor's local shard (FSDP2), other tensors as they are.
+
+    That is what torch's ``_foreach`` ops take (they have no DTensor rule); element-wise ops
+    on matching shards are exact.
+    """
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of ``tensors`` is finite: one multi-tensor max-norm, one host sync.
 
     The max-norm (``ord=inf``) of a tensor is NaN if it holds a NaN and inf if it holds an inf,
-    and, unlike the 2-norm, never overflows for finite values.
+    and, unlike the 2-norm, never overflows for finite values. Sharded tensors (DTensors) are
+    checked shard by shard and the answer agreed by every rank (an all-reduce), so that all
+    ranks skip a step, or none.
     """
-    tensors = [t for t in tensors if t.numel() > 0]
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(tensors, float("inf"))
-    device = norms[0].device
-    return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
+    sharded = any(is_dtensor(t) for t in tensors)
+    tensors = [t for t in _local(tensors) if t.numel() > 0]
+    finite = True
+    if tensors:
+        norms = torch._foreach_norm(tensors, float("inf"))
+        device = norms[0].device
+        finite = bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
+    if sharded and torch.distributed.is_initialized():
+        flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = not bool(flag.item())
+    return finite
 
 
 # The roles of the plugin: each quantizes tensors shaped like a parameter.
@@ -311,11 +329,11 @@ class LowPrecision(Precision):
         r = self.recipe
         grads = [p.grad for p in params if p.grad is not None]
         if grads and self.grad_scale != 1.0:
-            torch._foreach_mul_(grads, self.grad_scale)
+            torch._foreach_mul_(_local(grads), self.grad_scale)
         if grads and r.grad is not None:
             quantize_foreach_(grads, r.grad, r.grad_rounding, self.generator)
         if r.master_weight is not None:
-            torch._foreach_copy_(params, [self._master_weight(p) for p in params])
+            torch._foreach_copy_(_local(params), _local([self._master_weight(p) for p in params]))
 
     @torch.no_grad()
     def _after_step(self, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
@@ -326,7 +344,7 @@ class LowPrecision(Precision):
             if r.weight is not None:
                 quantize_foreach_(params, r.weight, r.weight_rounding, g, sources=masters)
             else:
-                torch._foreach_copy_(params, masters)
+                torch._foreach_copy_(_local(params), _local(masters))
         elif r.weight is not None:
             quantize_foreach_(params, r.weight, r.weight_rounding, g)
         if r.optimizer_state is not None:
@@ -357,7 +375,7 @@ class LowPrecision(Precision):
             copies.append(c)
         self._copies = dict(zip(sources, copies, strict=True))  # forgets the copies of tensors gone since
         if sources:
-            torch._foreach_copy_(copies, sources)
+            torch._foreach_copy_(_local(copies), _local(sources))
         self._saved = (sources, copies, had_master, states)
 
     @torch.no_grad()
@@ -365,7 +383,7 @@ class LowPrecision(Precision):
         """Undo the step since :meth:`_save`: the same tensors, with the same values, in the same places."""
         sources, copies, had_master, states = self._saved
         if sources:
-            torch._foreach_copy_(sources, copies)
+            torch._foreach_copy_(_local(sources), _local(copies))
         for p in params:
             if p not in had_master:  # made by this step: made again, from the restored weight, at the next
                 self._master_weights.pop(p, None)
