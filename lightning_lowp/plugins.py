@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_lowp.formats import FormatLike
 from lightning_lowp.functional import check_dims, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
-from lightning_lowp.sharding import is_dtensor
+from lightning_lowp.sharding import distribute_tensor, is_dtensor
 
 __all__ = ["LowPrecision", "MOMENT_STATES", "NONFINITE", "NonFiniteError", "moment_states"]
 
@@ -455,7 +455,13 @@ class LowPrecision(Precision):
         names: dict[torch.Tensor, str] = {p: n for n, p in self._module.named_parameters()}
         return {
             "generator": self.generator.get_state(),
-            "master_weights": {names[p]: m.clone() for p, m in self._master_weights.items() if p in names},
+            # sharded (FSDP2) master weights as full tensors: the checkpoint is one rank's (a
+            # collective: every rank builds the checkpoint), and any sharding can load it
+            "master_weights": {
+                names[p]: (m.full_tensor() if is_dtensor(m) else m.clone())  # type: ignore[attr-defined]
+                for p, m in self._master_weights.items()
+                if p in names
+            },
             "nonfinite_steps": self.nonfinite_steps,
         }
 
@@ -526,6 +532,8 @@ class LowPrecision(Precision):
             if name not in params:
                 raise ValueError(f"checkpoint has a master weight for {name!r}, which the model does not have")
             p = params[name]
+            if is_dtensor(p) and not is_dtensor(master):  # a full tensor: this rank's shard of it
+                master = distribute_tensor(master, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
             self._master_weights[p] = master.to(device=p.device, dtype=p.dtype).clone()
 
     def _master_weight(self, p: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,13 @@ import torch
 
 from lightning_lowp.formats import FixedPoint, FloatingPoint, Format
 
-__all__ = ["is_dtensor", "quantize_dtensor"]
+__all__ = ["distribute_tensor", "is_dtensor", "quantize_dtensor"]
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 except ImportError:  # a torch built without distributed support: no DTensor can exist
     DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
 
 
 def is_dtensor(x: object) -> bool:

@@ -9,7 +9,8 @@ so a per-shard exponent would show.
     python tests/lightning/fsdp_check.py RESULT.json {ddp,fsdp} [STEPS]
 
 Rank 0 writes RESULT.json: {"weights": {name: [...full values...]}, "steps": int,
-"sharded": bool (whether the parameters were DTensors), "operand_stats": [names]}.
+"sharded": bool (whether the parameters were DTensors), "operand_stats": [names],
+"full_masters": bool (the plugin's state_dict holds full, unsharded master weights)}.
 """
 
 import json
@@ -56,11 +57,16 @@ class Tiny(pl.LightningModule):
 
 
 class Collect(pl.Callback):
-    def __init__(self, path, metrics):
-        self.path, self.metrics = path, metrics
+    def __init__(self, path, metrics, plugin):
+        self.path, self.metrics, self.plugin = path, metrics, plugin
 
     def on_train_end(self, trainer, pl_module):
         sharded = any(is_dtensor(p) for p in pl_module.parameters())
+        # the plugin's checkpoint state holds full master weights (a collective under FSDP2)
+        masters = self.plugin.state_dict()["master_weights"]
+        full_masters = all(
+            not is_dtensor(m) and m.shape == p.shape for (n, p) in pl_module.named_parameters() for m in [masters[n]]
+        )
         weights = {n: (p.full_tensor() if is_dtensor(p) else p).detach() for n, p in pl_module.named_parameters()}
         if trainer.is_global_zero:
             result = {
@@ -68,6 +74,7 @@ class Collect(pl.Callback):
                 "steps": trainer.global_step,
                 "sharded": sharded,
                 "operand_stats": sorted(self.metrics.last_layer_stats),
+                "full_masters": full_masters,
             }
             with open(self.path, "w") as f:
                 json.dump(result, f)
@@ -89,7 +96,7 @@ def main():
         lp.QuantizeActivations(forward="bf16", backward="fp8_e5m2", backward_rounding="stochastic", modules=(nn.ReLU,)),
         lp.QuantizeMatmuls(input="mxfp8_e4m3", weight="mxfp8_e4m3", grad_output="mxfp8_e5m2"),
         metrics,
-        Collect(path, metrics),
+        Collect(path, metrics, plugin),
     ]
     strategy = "ddp" if mode == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(

@@ -48,3 +48,4 @@ def test_fsdp2_trains_to_the_weights_of_ddp_bit_for_bit(tmp_path):
         assert fsdp["weights"][name] == ddp["weights"][name], name
     assert fsdp["operand_stats"] == ddp["operand_stats"]
     assert "net.0/wgrad.grad_output" in fsdp["operand_stats"]
+    assert fsdp["full_masters"]  # a checkpoint holds whole master weights, not rank 0's shards
