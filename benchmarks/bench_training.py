@@ -27,7 +27,7 @@ import sys
 import time
 
 
-def train(recipes: list[str], steps: int, warmup: int, rounds: int) -> dict:
+def train(recipes: list[str], steps: int, warmup: int, rounds: int, nonfinite=None) -> dict:
     """Seconds per timed step of every recipe, per round."""
     import lightning.pytorch as pl
     import torch
@@ -57,7 +57,7 @@ def train(recipes: list[str], steps: int, warmup: int, rounds: int) -> dict:
             clock = Clock()
             plugins, callbacks = [], [clock]
             if recipe != "float":
-                plugins.append(lp.LowPrecision.from_name(recipe))
+                plugins.append(lp.LowPrecision.from_name(recipe, **({"nonfinite": nonfinite} if nonfinite else {})))
                 callbacks += [lp.QuantizeActivations.from_name(recipe), lp.QuantizationMetrics(every_n_steps=50)]
             trainer = pl.Trainer(
                 max_steps=steps + warmup,
@@ -81,10 +81,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument(
+        "--nonfinite", choices=["skip", "error", "ignore"], default=None, help="the plugin's nonfinite (default: its)"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = train(args.worker, args.steps, args.warmup, args.rounds)
+        result = train(args.worker, args.steps, args.warmup, args.rounds, args.nonfinite)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -101,6 +104,7 @@ def main() -> None:
             str(warmup),
             "--rounds",
             str(rounds),
+            *(["--nonfinite", args.nonfinite] if args.nonfinite else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])

@@ -82,20 +82,20 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of ``tensors`` is finite: one multi-tensor max-norm, one host sync.
+    """Whether every value of ``tensors`` is finite: each tensor's minimum and maximum, one host sync.
 
-    The max-norm (``ord=inf``) of a tensor is NaN if it holds a NaN and inf if it holds an inf,
-    and, unlike the 2-norm, never overflows for finite values. Sharded tensors (DTensors) are
-    checked shard by shard and the answer agreed by every rank (an all-reduce), so that all
-    ranks skip a step, or none.
+    A tensor's min or max is NaN if it holds a NaN and infinite if it holds an Inf
+    (``torch.aminmax``: one vectorised pass, several times faster here than an inf-norm or
+    ``isfinite().all()``). Sharded tensors (DTensors) are checked shard by shard and the answer
+    agreed by every rank (an all-reduce), so that all ranks skip a step, or none.
     """
     sharded = any(is_dtensor(t) for t in tensors)
     tensors = [t for t in _local(tensors) if t.numel() > 0]
     finite = True
     if tensors:
-        norms = torch._foreach_norm(tensors, float("inf"))
-        device = norms[0].device
-        finite = bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
+        device = tensors[0].device
+        extremes = torch.stack([torch.stack(torch.aminmax(t)).float().to(device) for t in tensors])
+        finite = bool(extremes.isfinite().all())
     if sharded and torch.distributed.is_initialized():
         flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
