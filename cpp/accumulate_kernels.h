@@ -115,16 +115,25 @@ void accumulate_all(const float* a, const float* b, float* out, int64_t rows, in
 
 // The tensor-core model (AlignedSum; truncate_to_step in rounding.h) on rows
 // [row_begin, row_end): per group of `group` products, a pass over the group for every
-// column's largest exponent, then one that sums the truncated terms exactly in double
-// (at most bits + log2(group + 1) <= 49 significant bits: no rounding, in any order).
+// column's largest exponent, then one that sums the truncated terms exactly: in float where
+// that is exact (bits + ceil(log2(group + 1)) <= 24 and no column's sum can pass float32's
+// range; every term is a multiple of 2^(e - bits + 1) below 2^(e + 1), and so are the partial
+// sums), else in double (at most 32 + 17 = 49 significant bits). Both give the exact sum, so
+// the same bits.
 template <bool TowardZero>
 inline void aligned_rows(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N, int64_t group,
                          int bits, int64_t chunk, int64_t row_begin, int64_t row_end) {
+  int carry_bits = 0;  // ceil(log2(group + 1))
+  while ((int64_t{1} << carry_bits) < group + 1) ++carry_bits;
+  const bool float_sums = bits + carry_bits <= 24;
+  const int float_e_limit = 126 - carry_bits;  // sums of magnitude below 2^127
   std::vector<float> acc_buffer(static_cast<size_t>(N)), acc32_buffer(static_cast<size_t>(N));
+  std::vector<float> sum32_buffer(static_cast<size_t>(N));
   std::vector<int> e_buffer(static_cast<size_t>(N));
   std::vector<double> sum_buffer(static_cast<size_t>(N));
   float* __restrict acc = acc_buffer.data();
   float* __restrict acc32 = acc32_buffer.data();
+  float* __restrict sum32 = sum32_buffer.data();
   int* __restrict e_max = e_buffer.data();
   double* __restrict sum = sum_buffer.data();
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -141,13 +150,26 @@ inline void aligned_rows(const float* a, const float* b, float* out, int64_t M, 
         const float* __restrict b_row = b_mat + k * N;
         for (int64_t n = 0; n < N; ++n) e_max[n] = max_int(e_max[n], aligned_exponent(mul_rn(x, b_row[n])));
       }
-      for (int64_t n = 0; n < N; ++n) sum[n] = truncate_to_step(acc[n], e_max[n] - bits + 1);
-      for (int64_t k = k0; k < k1; ++k) {
-        const float x = a_row[k];
-        const float* __restrict b_row = b_mat + k * N;
-        for (int64_t n = 0; n < N; ++n) sum[n] += truncate_to_step(mul_rn(x, b_row[n]), e_max[n] - bits + 1);
+      int top = kNoExponent;
+      for (int64_t n = 0; n < N; ++n) top = max_int(top, e_max[n]);
+      if (float_sums && top <= float_e_limit) {
+        for (int64_t n = 0; n < N; ++n) sum32[n] = truncate_to_step(acc[n], e_max[n] - bits + 1);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float x = a_row[k];
+          const float* __restrict b_row = b_mat + k * N;
+          for (int64_t n = 0; n < N; ++n)
+            sum32[n] = add_rn(sum32[n], truncate_to_step(mul_rn(x, b_row[n]), e_max[n] - bits + 1));
+        }
+        std::copy(sum32, sum32 + N, acc);  // exact: nothing to round
+      } else {
+        for (int64_t n = 0; n < N; ++n) sum[n] = truncate_to_step(acc[n], e_max[n] - bits + 1);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float x = a_row[k];
+          const float* __restrict b_row = b_mat + k * N;
+          for (int64_t n = 0; n < N; ++n) sum[n] += truncate_to_step(mul_rn(x, b_row[n]), e_max[n] - bits + 1);
+        }
+        for (int64_t n = 0; n < N; ++n) acc[n] = store_float32<TowardZero>(sum[n]);
       }
-      for (int64_t n = 0; n < N; ++n) acc[n] = store_float32<TowardZero>(sum[n]);
       since_promotion += k1 - k0;
       if (chunk > 0 && since_promotion == chunk) {  // chunk is a multiple of group
         since_promotion = 0;
