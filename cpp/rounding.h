@@ -916,10 +916,18 @@ LOWP_HD float add_rounded_nearest_odd_wide(float acc, float p, uint32_t cut) {
 
 // The exponent floor(log2|x|) of a nonzero finite float; kNoExponent for zeros, Inf and NaN
 // (which take no part in the alignment).
+// Written with masks, so that the CPU loops over it vectorise (a select or a count of leading
+// zeros does not): a subnormal's exponent is that of its bits read as an integer and converted
+// to float (exactly), less 149.
 constexpr int kNoExponent = -1000;
 LOWP_HD int aligned_exponent(float x) {
   const uint32_t a = bits_of(x) & ~kSignBit;
-  return (a == 0u || a >= kInfBits) ? kNoExponent : exponent_of(a);
+  const int biased = static_cast<int>(a >> 23);
+  const int subnormal = static_cast<int>(bits_of(static_cast<float>(static_cast<int32_t>(a))) >> 23) - 127 - 149;
+  const int normal = -static_cast<int>(biased != 0);
+  const int e = ((biased - 127) & normal) | (subnormal & ~normal);
+  const int none = -static_cast<int>(a - 1u >= kInfBits - 1u);  // zero, Inf or NaN
+  return (kNoExponent & none) | (e & ~none);
 }
 
 // x truncated toward zero to a multiple of 2^q, exactly (a float: the bits below 2^q of its
