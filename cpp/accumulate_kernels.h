@@ -76,6 +76,8 @@ inline void accumulate_rows_in(const float* a, const float* b, float* out, int64
                     });
     return;
   }
+  const uint32_t cut = static_cast<uint32_t>(23 - f.man);
+  const bool wide = f.man <= 21 && has_float32_range(f);
   accumulate_rows(
       a, b, out, M, K, N, chunk, row_begin, row_end,
       [&](float* __restrict acc, float x, const float* __restrict b_row, uint64_t first) {
@@ -89,6 +91,13 @@ inline void accumulate_rows_in(const float* a, const float* b, float* out, int64
           // The counters' high halves agree: 32-bit counters, which vectorise.
           const uint32_t low = static_cast<uint32_t>(first), high = static_cast<uint32_t>(first >> 32);
           const uint32_t stride = static_cast<uint32_t>(K);
+          if (wide) {  // fewer operations, the same bits
+            for (int64_t n = 0; n < N; ++n) {
+              const uint32_t r = random_bits(key, low + static_cast<uint32_t>(n) * stride, high);
+              acc[n] = add_rounded_stochastic_wide(acc[n], mul_rn(x, b_row[n]), cut, r);
+            }
+            return;
+          }
           for (int64_t n = 0; n < N; ++n) {
             const uint32_t r = random_bits(key, low + static_cast<uint32_t>(n) * stride, high);
             acc[n] = add_rounded<R>(acc[n], mul_rn(x, b_row[n]), f, r);

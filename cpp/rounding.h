@@ -909,6 +909,39 @@ LOWP_HD float add_rounded_nearest_odd_wide(float acc, float p, uint32_t cut) {
   return (u & ~kSignBit) < kInfBits ? float_of(even) : s;
 }
 
+// add_rounded<Stochastic> for a format with float32's range (has_float32_range, man <= 21),
+// whose grid is float32's bits with the low `cut` cleared in every binade: the grid point at
+// or below the exact magnitude X = |s| + e is base = (|s| - below) with those bits cleared (one
+// float below |s| first where X lies just below it, which may be the binade below), and
+// floor(2^32 * (X - base) / step) = (|s| - base) * 2^(32 - cut) + floor(e * 2^(32 - e_q)) modulo
+// 2^32 (the first term is 2^32, i.e. 0, exactly where X lies just below a grid point). Zeros,
+// Inf and NaN give s, as add_rounded does for this kind of format.
+LOWP_HD float add_rounded_stochastic_wide(float acc, float p, uint32_t cut, uint32_t rbits) {
+  const float s = add_rn(acc, p);
+  const float bb = sub_rn(s, acc);
+  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const uint32_t u = bits_of(s), e_bits = bits_of(e);
+  const uint32_t sign = u & kSignBit, a = u ^ sign;
+  const uint32_t e_mag_bits = e_bits & ~kSignBit;
+  const uint32_t inexact = static_cast<uint32_t>(e_mag_bits != 0u);
+  const uint32_t below = inexact & ((e_bits ^ u) >> 31);
+  const uint32_t at = a - below;  // in X's binade
+  const uint32_t base = at & ~((1u << cut) - 1u);
+  const int e_q = max_int(static_cast<int>(at >> 23), 1) - 150 + static_cast<int>(cut);
+  // z = |e| * 2^(32 - e_q) < 2^(31 - cut), in two exact steps (the exponent may pass 127)
+  const int c = 32 - e_q, c1 = min_int(c, 127);
+  const float z = mul_rn(mul_rn(float_of(e_mag_bits), pow2_normal(c1)), pow2_normal(c - c1));
+  const int32_t z_floor = static_cast<int32_t>(z);  // z >= 0: truncation is floor
+  const uint32_t z_up = static_cast<uint32_t>(z > static_cast<float>(z_floor));
+  const uint32_t below_mask = 0u - below;  // (masks rather than selects: the loops vectorise)
+  const uint32_t e_part = ((0u - (static_cast<uint32_t>(z_floor) + z_up)) & below_mask) |
+                          (static_cast<uint32_t>(z_floor) & ~below_mask);
+  const uint32_t threshold = ((a - base) << (32u - cut)) + e_part;
+  const uint32_t mag = base + (static_cast<uint32_t>(rbits < threshold) << cut);
+  const uint32_t live = 0u - static_cast<uint32_t>(a - 1u < kInfBits - 1u);  // not zero, Inf or NaN
+  return float_of(((sign | mag) & live) | (u & ~live));
+}
+
 // The tensor-core accumulator (lightning_lowp.accumulators.AlignedSum; the contract is
 // accumulation_reference.reference_aligned_matmul). Per group of products, the accumulator
 // and the products are aligned to the largest exponent among them, each truncated toward
