@@ -707,6 +707,13 @@ LOWP_HD float finish_sum(uint32_t mag, uint32_t u, bool operands_finite, const F
   return float_of((r & finite_mask) | (special & ~finite_mask));
 }
 
+// The error e of s = fl32(acc + p), so that s + e = acc + p exactly where s is finite
+// (Knuth's TwoSum: no ordering of the operands needed).
+LOWP_HD float two_sum_error(float acc, float p, float s) {
+  const float bb = sub_rn(s, acc);
+  return add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
+}
+
 // acc + p as add_rounded and its fast path see it: TwoSum's s = fl32(acc + p) (bits u) and
 // its error e (s + e is the exact sum when s is finite), and where the exact magnitude lies
 // against |s|. For s finite and nonzero; elsewhere stand-ins (finish_sum sets the result).
@@ -722,8 +729,7 @@ struct ExactSum {
 
 LOWP_HD ExactSum exact_sum(float acc, float p) {
   const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e_raw = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));
+  const float e_raw = two_sum_error(acc, p, s);
   ExactSum t;
   t.u = bits_of(s);
   t.negative = t.u >> 31;
@@ -862,8 +868,7 @@ LOWP_HD NearestOdd make_nearest_odd(const FormatParams& f) {
 
 LOWP_HD float add_rounded_nearest_odd(float acc, float p, const NearestOdd& k) {
   const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const float e = two_sum_error(acc, p, s);
   const uint32_t u = bits_of(s), e_bits = bits_of(e);
   const uint32_t sign = u & kSignBit, a_raw = u ^ sign;
   const uint32_t inexact = static_cast<uint32_t>((e_bits & ~kSignBit) != 0u);
@@ -898,8 +903,7 @@ LOWP_HD bool has_float32_range(const FormatParams& f) {
 // the format does, and Inf and NaN pass.
 LOWP_HD float add_rounded_nearest_odd_wide(float acc, float p, uint32_t cut) {
   const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const float e = two_sum_error(acc, p, s);
   const uint32_t u = bits_of(s), e_bits = bits_of(e);
   const uint32_t inexact = static_cast<uint32_t>((e_bits & ~kSignBit) != 0u);
   const uint32_t below = inexact & ((e_bits ^ u) >> 31);
@@ -918,8 +922,7 @@ LOWP_HD float add_rounded_nearest_odd_wide(float acc, float p, uint32_t cut) {
 // Inf and NaN give s, as add_rounded does for this kind of format.
 LOWP_HD float add_rounded_stochastic_wide(float acc, float p, uint32_t cut, uint32_t rbits) {
   const float s = add_rn(acc, p);
-  const float bb = sub_rn(s, acc);
-  const float e = add_rn(sub_rn(acc, sub_rn(s, bb)), sub_rn(p, bb));  // s + e = acc + p where s is finite
+  const float e = two_sum_error(acc, p, s);
   const uint32_t u = bits_of(s), e_bits = bits_of(e);
   const uint32_t sign = u & kSignBit, a = u ^ sign;
   const uint32_t e_mag_bits = e_bits & ~kSignBit;

@@ -248,9 +248,12 @@ class MatmulSettings:
         acc: Accumulation | None = getattr(self, f"{gemm}_accumulate")
         return acc
 
-    @property
+    @functools.cached_property
     def stochastic(self) -> bool:
-        """Whether any operand or accumulation rounds stochastically (and so draws random bits)."""
+        """Whether any operand or accumulation rounds stochastically (and so draws random bits).
+
+        Asked on every intercepted GEMM, so computed once (the settings are frozen).
+        """
         accumulations = [self.accumulation_for(g) for g in GEMMS]
         return any(getattr(self, f"{r}_rounding") == "stochastic" for r in OPERAND_ROLES) or any(
             a is not None and a.rounding == "stochastic" for a in accumulations
