@@ -31,8 +31,11 @@
 // reference bit for bit on processors that have it).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// (GCC's C++ front end does not define __AVX512F__ under a target pragma: hence a macro of ours.)
 #define LOWP_CPU_ISA avx512
+#define LOWP_CPU_AVX512 1
 #include "accumulate_kernels.h"
+#undef LOWP_CPU_AVX512
 #undef LOWP_CPU_ISA
 #pragma GCC pop_options
 #endif

@@ -6,6 +6,9 @@
 #include <vector>
 
 #include "quantize.h"
+#if LOWP_CPU_AVX512  // the AVX-512 build (accumulate_cpu.cpp)
+#include "accumulate_nearest_avx512.h"
+#endif
 
 namespace lowp {
 namespace LOWP_CPU_ISA {
@@ -50,14 +53,29 @@ inline void accumulate_rows(const float* a, const float* b, float* out, int64_t 
 }
 
 // The rows in mode R: nearest by the fewest operations that apply to f (the same bits:
-// add_rounded_nearest_odd_wide, add_rounded_nearest_odd, add_rounded_nearest_fast), the
-// other modes by add_rounded.
+// the vector forms of accumulate_nearest_avx512.h in the AVX-512 build, add_rounded_nearest_odd_wide,
+// add_rounded_nearest_odd, add_rounded_nearest_fast), the other modes by add_rounded.
 template <Rounding R>
 inline void accumulate_rows_in(const float* a, const float* b, float* out, int64_t M, int64_t K, int64_t N,
                                const FormatParams& params, int64_t chunk, uint64_t key, int64_t row_begin,
                                int64_t row_end) {
   const FormatParams f = params;  // a local copy: stores to the accumulators cannot alias it
   if (R == Rounding::Nearest) {
+#if LOWP_CPU_AVX512
+    if (is_binary16(f) || (f.man <= 21 && has_float32_range(f))) {
+      const bool binary16 = is_binary16(f);
+      const RoundFloat32Range float32_range(static_cast<uint32_t>(23 - f.man));
+      accumulate_rows(a, b, out, M, K, N, chunk, row_begin, row_end,
+                      [&](float* acc, float x, const float* b_row, uint64_t) {
+                        if (binary16) {
+                          add_products_x16(acc, x, b_row, N, RoundBinary16());
+                        } else {
+                          add_products_x16(acc, x, b_row, N, float32_range);
+                        }
+                      });
+      return;
+    }
+#endif
     const Step small = make_step(float_small_step_exponent(f));
     const NearestOdd odd_params = make_nearest_odd(f);
     const uint32_t cut = static_cast<uint32_t>(23 - f.man);

@@ -889,6 +889,12 @@ LOWP_HD bool nearest_odd_applies(const FormatParams& f) {
   return f.man <= 21 && float_small_step_exponent(f) >= -147;
 }
 
+// Whether f is IEEE binary16 (fp16, float(5,10)): the format that processors convert to.
+LOWP_HD bool is_binary16(const FormatParams& f) {
+  return f.kind == Kind::Float && f.man == 10 && f.emin == -14 && f.subnormals && f.overflow_inf &&
+         f.max_pos == 65504.0f && f.max_neg == 65504.0f;
+}
+
 // Whether f has float32's range: 8 exponent bits with subnormals and Inf (bf16, float(8,m)),
 // so that its grid is float32's bits with the low 23 - man cleared, all the way down.
 LOWP_HD bool has_float32_range(const FormatParams& f) {

@@ -7,6 +7,9 @@ stochastic rounding from a seeded generator; batched and broadcast shapes; the b
 pass; argument errors."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,26 +34,26 @@ def _signs(shape, g):
     return torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
 
 
-def make_inputs(kind: str, fmt: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b), (M, K) and (K, N), float32, of one adversarial kind for accumulator fmt."""
+def make_inputs(kind: str, fmt: str, seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), (M, K) and (K, n), float32, of one adversarial kind for accumulator fmt."""
     g = torch.Generator().manual_seed(seed)
     top = check_accumulator(fmt).max_value
     if kind == "swamping":  # magnitudes over ~60 binades: small products vanish next to big ones
         a = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-30, 31, (M, K), generator=g).float())
-        b = torch.randn(K, N, generator=g) * torch.exp2(torch.randint(-30, 31, (K, N), generator=g).float())
+        b = torch.randn(K, n, generator=g) * torch.exp2(torch.randint(-30, 31, (K, n), generator=g).float())
     elif kind == "cancellation":  # small integers: many exact zero sums, signed zeros among the products
         a = torch.randint(-2, 3, (M, K), generator=g).float()
-        b = torch.randint(-2, 3, (K, N), generator=g).float()
+        b = torch.randint(-2, 3, (K, n), generator=g).float()
         a[0, ::3] = -0.0
         b[::5, 0] = -0.0
     elif kind == "overflow":  # products near and past the accumulator's range, and past float32's
         a = _signs((M, K), g) * top * (0.25 + torch.rand(M, K, generator=g))
-        b = torch.rand(K, N, generator=g) + 0.5
+        b = torch.rand(K, n, generator=g) + 0.5
         a[2, :] = _signs((K,), g) * 3e38  # sums beyond float32 from finite operands
         b[:, 3] = 2.0  # and products beyond float32 (Inf)
     elif kind == "specials":  # NaN and +-Inf among ordinary values
         a = torch.randn(M, K, generator=g) * 4
-        b = torch.randn(K, N, generator=g) * 4
+        b = torch.randn(K, n, generator=g) * 4
         a[0, 5] = math.inf
         a[1, 7] = -math.inf
         a[1, 9] = math.inf
@@ -59,13 +62,13 @@ def make_inputs(kind: str, fmt: str, seed: int = 0) -> tuple[torch.Tensor, torch
         b[13, 1] = 0.0  # Inf * 0 = NaN
     elif kind == "subnormal":  # products in float32's and the accumulator's subnormal ranges
         a = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-80, -60, (M, K), generator=g).float())
-        b = torch.randn(K, N, generator=g) * torch.exp2(torch.randint(-80, -60, (K, N), generator=g).float())
+        b = torch.randn(K, n, generator=g) * torch.exp2(torch.randint(-80, -60, (K, n), generator=g).float())
         a[1, :] = torch.randn(K, generator=g) * 2.0 ** check_accumulator(fmt).emin  # around its smallest normal
         b[:, 1] = torch.randint(1, 4, (K,), generator=g).float() * 0.25
     elif kind == "double_rounding":  # sums whose float32 rounding lands on a tie of the accumulator
         fp = check_accumulator(fmt)
         a = torch.zeros(M, K)
-        b = torch.ones(K, N)
+        b = torch.ones(K, n)
         for m in range(M):
             for k in range(K):
                 # a power of two on the grid, then half its step plus a tail below float32's last place
@@ -73,7 +76,7 @@ def make_inputs(kind: str, fmt: str, seed: int = 0) -> tuple[torch.Tensor, torch
                 half_step = base * 2.0 ** (-fp.man - 1)
                 tail = base * 2.0**-26 * float(_signs((), g))
                 a[m, k] = base if k % 2 == 0 else half_step + tail
-        b = b * _signs((K, N), g).abs()  # all ones: the row sums themselves
+        b = b * _signs((K, n), g).abs()  # all ones: the row sums themselves
     else:
         raise ValueError(kind)
     return a.float(), b.float()
@@ -101,6 +104,51 @@ def check(a, b, fmt, mode, chunk, seed=7):
 def test_equals_reference(kind, fmt, mode, chunk):
     a, b = make_inputs(kind, fmt)
     check(a, b, fmt, mode, chunk)
+
+
+# Rounding to nearest into fp16 and into the formats of float32's range runs 16 columns per
+# instruction in the AVX-512 build (accumulate_nearest_avx512.h); rows of 37 columns take two
+# full vectors and a masked tail of 5.
+VECTOR_FORMATS = ["fp16", "bf16", "float(8,21)"]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", VECTOR_FORMATS)
+def test_nearest_across_vectors(fmt, kind, chunk):
+    a, b = make_inputs(kind, fmt, seed=5, n=37)
+    check(a, b, fmt, "nearest", chunk)
+
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# binary scales of a's rows and b's columns: fp16's subnormals to 2^12; float32's subnormals to 2^60
+SCALES = {"fp16": ((-16, 6), (-8, 2)), "bf16": ((-100, 50), (-40, 10)), "float(8,21)": ((-100, 50), (-40, 10))}
+
+
+@pytest.mark.skipif(not AVX512, reason="the vector forms are compiled for AVX-512 processors only")
+@pytest.mark.parametrize("fmt", VECTOR_FORMATS)
+def test_vector_forms_equal_the_scalar_code(fmt, tmp_path):
+    # the same bits as add_rounded_nearest_odd(_wide) of the AVX2 build (LOWP_CPU_ISA caps the
+    # instruction set), on 2^20 products over the format's range, and on the adversarial kinds
+    g = torch.Generator().manual_seed(0)
+    (a_lo, a_hi), (b_lo, b_hi) = SCALES[fmt]
+    a = torch.randn(64, 256, generator=g) * torch.exp2(torch.randint(a_lo, a_hi, (64, 1), generator=g).float())
+    b = torch.randn(256, 64, generator=g) * torch.exp2(torch.randint(b_lo, b_hi, (1, 64), generator=g).float())
+    cases = [(a, b)] + [make_inputs(kind, fmt, seed=9, n=64) for kind in KINDS]
+    torch.save(cases, tmp_path / "cases.pt")
+    script = (
+        "import sys, torch, lightning_lowp as lp\n"
+        "cases = torch.load(sys.argv[1])\n"
+        "torch.save([lp.matmul(a, b, sys.argv[3], chunk=c) for a, b in cases for c in (None, 16)], sys.argv[2])\n"
+    )
+    env = dict(os.environ, LOWP_CPU_ISA="avx2")
+    args = [sys.executable, "-c", script, tmp_path / "cases.pt", tmp_path / "avx2.pt", fmt]
+    subprocess.run(args, env=env, check=True)
+    scalar = torch.load(tmp_path / "avx2.pt")
+    ours = [lp.matmul(a, b, fmt, chunk=c) for a, b in cases for c in (None, 16)]
+    assert all(same_bits(x, y) for x, y in zip(ours, scalar, strict=True))
+    assert ours[0].isfinite().all()  # a meaningful comparison:
+    assert (ours[0] != 0).float().mean() > 0.9
 
 
 def test_the_traps_hand_made():
