@@ -286,6 +286,46 @@ void quantize_planned(const BlockPlan& plan, const scalar_t* in, scalar_t* out, 
   }
 }
 
+// The exponent of the smallest step of a scaled format's element (before scaling).
+inline int element_step_exponent(const FormatParams& p) {
+  return p.element == Kind::Fixed ? p.e_q : float_small_step_exponent(p);
+}
+
+// Whether blocks with power-of-two scales 2^E, E in [e_low, e_high], can be rounded
+// normalised: each value divided by its block's 2^E, rounded in the element's own grid and
+// multiplied back. True for E8M0 scales when every element value times 2^E is a float32
+// (E + element_emax <= 127: multiplying back is exact; the block's largest magnitude is
+// finite) and the element's steps are far above float32's normals (so a quotient that
+// underflows rounds as the exact quotient would: only its sign and that it is not zero matter).
+inline bool normalize_applies(const FormatParams& p, int e_low, int e_high) {
+  return p.kind == Kind::Scaled && p.scale == ScaleKind::E8m0 && element_step_exponent(p) >= -93 &&
+         element_step_exponent(p) + e_low >= -149 && e_high + p.element_emax <= 127;
+}
+
+// The same for the columns of a slab (quantize_column_blocks), from their states.
+template <Kind K>
+bool columns_normalize(const FormatParams& p, const BlockState* states, int64_t count) {
+  if (K != Kind::Scaled || count == 0) return false;
+  int e_low = states[0].block, e_high = states[0].block;
+  for (int64_t w = 1; w < count; ++w) {
+    e_low = min_int(e_low, states[w].block);
+    e_high = max_int(e_high, states[w].block);
+  }
+  return normalize_applies(p, e_low, e_high);
+}
+
+// One element of a block with power-of-two scale 2^E, normalised (see columns_normalize):
+// x * 2^-E rounded in the element's own grid, times 2^E. A quotient that underflowed to zero
+// stands in as half of float32's smallest normal, which rounds as the exact quotient would.
+template <Kind KE, Rounding R, bool Fast>
+LOWP_HD float quantize_normalized(const FormatParams& p, float x, float scale, float inverse, const Step& step,
+                                  const Range& range, uint32_t rbits) {
+  const float half_tiny = pow2_normal(-126) * 0.5f;
+  float y = x * inverse;
+  y = (y == 0.0f && x != 0.0f) ? std::copysign(half_tiny, x) : y;
+  return quantize_element<KE, R, Fast>(p, y, p.e_q, step, range, rbits) * scale;
+}
+
 // Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
 // each block's maximum, then its rounding, while it is in cache, in one loop over the blocks
 // that keeps the format's constants in registers (a 32-element block is otherwise mostly
@@ -353,13 +393,120 @@ void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __r
   }
 }
 
-// quantize_short_blocks, or quantize_float_scaled_blocks where it applies.
+// Short blocks [first, last) along the last dim (layout.inner == 1) with power-of-two
+// scales, a batch of blocks at a time, in loops that vectorise: every block's maximum, then
+// their scale exponents (scale_exponent), then every element rounded normalised
+// (quantize_normalized). A batch where normalize_applies does not hold, or whose counters
+// cross a multiple of 2^32, goes through quantize_short_blocks, whose loop per block costs an
+// MX block of 32 more in set-up than in arithmetic. Len: the block length where it is fixed
+// at compile time (blocks of 32 and 16 fill vector registers exactly), else 0.
+template <Kind KE, Rounding R, bool Fast, int64_t Len, typename scalar_t>
+void quantize_normalized_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                                const BlockLayout& layout, int64_t first, int64_t last, const FormatParams p,
+                                uint32_t tensor_max, uint64_t key) {
+  // (p by value: a reference could alias the floats written, which keeps the loops scalar)
+  constexpr int64_t kBatch = 2048;  // elements
+  int64_t starts[kBatch + 1];       // the blocks' offsets in the batch, and its end
+  uint32_t maxima[kBatch];
+  int exponents[kBatch];
+  const int64_t len = Len ? Len : layout.block_len, numel = layout.numel();
+  const int64_t per_batch = std::max<int64_t>(1, kBatch / len);
+  const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
+  const Range range = make_range(p.element_max, p.element_max, false);
+  // block b = o * blocks_per_outer + c is [o * dim_size + c * len, ... + min(len, dim_size - c * len))
+  int64_t o = first / layout.blocks_per_outer, c = first % layout.blocks_per_outer;
+  for (int64_t b0 = first; b0 < last; b0 += per_batch) {
+    const int64_t count = std::min(last, b0 + per_batch) - b0;
+    const int64_t batch_begin = o * layout.dim_size + c * len;
+    for (int64_t i = 0; i < count; ++i) {
+      starts[i] = o * layout.dim_size + c * len - batch_begin;
+      starts[i + 1] = o * layout.dim_size + std::min(layout.dim_size, (c + 1) * len) - batch_begin;
+      if (++c == layout.blocks_per_outer) {
+        c = 0;
+        ++o;
+      }
+    }
+    const int64_t batch_end = batch_begin + starts[count];
+    const scalar_t* batch_in = in + batch_begin;
+    scalar_t* batch_out = out + batch_begin;
+    // the output a batch ahead, for writing (as in quantize_short_blocks)
+    for (int64_t j = batch_begin + kBatch; j < std::min(batch_end + kBatch, numel); j += 64 / sizeof(scalar_t)) {
+      __builtin_prefetch(out + j, 1);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      // (Len: whole blocks; else the last block of a row may be short)
+      const int64_t n = Len ? Len : starts[i + 1] - starts[i];
+      const scalar_t* block_in = batch_in + starts[i];
+      uint32_t m = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t a = finite_magnitude_bits(static_cast<float>(block_in[j]));
+        m = a > m ? a : m;
+      }
+      maxima[i] = m;
+    }
+    int e_low = 127, e_high = -127;
+    for (int64_t i = 0; i < count; ++i) {
+      const int e = scale_exponent(p, maxima[i]);
+      exponents[i] = e;
+      e_low = min_int(e_low, e);
+      e_high = max_int(e_high, e);
+    }
+    if (!normalize_applies(p, e_low, e_high) || next_counter_wrap(batch_begin, 0) < batch_end) {
+      quantize_short_blocks<Kind::Scaled, R>(in, out, layout, b0, b0 + count, p, tensor_max, key);
+      continue;
+    }
+    const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(batch_begin) >> 32);
+    for (int64_t i = 0; i < count; ++i) {
+      const float scale = scale_pow2(1u, exponents[i]), inverse = scale_pow2(1u, -exponents[i]);  // exact
+      const int64_t n = Len ? Len : starts[i + 1] - starts[i];
+      const scalar_t* block_in = batch_in + starts[i];
+      scalar_t* block_out = batch_out + starts[i];
+      const uint32_t counter_low = static_cast<uint32_t>(batch_begin + starts[i]);
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t r = R == Rounding::Stochastic
+                               ? random_bits(key, counter_low + static_cast<uint32_t>(j), counter_high)
+                               : 0u;
+        block_out[j] = static_cast<scalar_t>(
+            quantize_normalized<KE, R, Fast>(p, static_cast<float>(block_in[j]), scale, inverse, step, range, r));
+      }
+    }
+  }
+}
+
+// quantize_normalized_blocks for p's element kind, block length and the shortcuts.
+template <Rounding R, typename scalar_t>
+void quantize_normalized_blocks_of(const scalar_t* in, scalar_t* out, const BlockLayout& layout, int64_t first,
+                                   int64_t last, const FormatParams& p, uint32_t tensor_max, uint64_t key) {
+  const bool fast = shortcuts_apply<Kind::Block, R>(element_step_exponent(p));
+  const bool whole = layout.dim_size % layout.block_len == 0;
+  const auto run = [&](auto element, auto len) {
+    constexpr Kind KE = decltype(element)::value;
+    constexpr int64_t Len = decltype(len)::value;
+    const auto blocks = fast ? quantize_normalized_blocks<KE, R, true, Len, scalar_t>
+                             : quantize_normalized_blocks<KE, R, false, Len, scalar_t>;
+    blocks(in, out, layout, first, last, p, tensor_max, key);
+  };
+  const auto with_len = [&](auto element) {
+    if (whole && layout.block_len == 32) return run(element, std::integral_constant<int64_t, 32>());
+    if (whole && layout.block_len == 16) return run(element, std::integral_constant<int64_t, 16>());
+    run(element, std::integral_constant<int64_t, 0>());
+  };
+  if (p.element == Kind::Fixed) {
+    with_len(std::integral_constant<Kind, Kind::Block>());
+  } else {
+    with_len(std::integral_constant<Kind, Kind::Float>());
+  }
+}
+
+// quantize_short_blocks, or quantize_float_scaled_blocks / quantize_normalized_blocks where they apply.
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layout, int64_t first, int64_t last,
                      const FormatParams& p, uint32_t tensor_max, uint64_t key) {
   if (K == Kind::Scaled && p.scale != ScaleKind::E8m0 && R != Rounding::Stochastic && layout.inner == 1 &&
       layout.dim_size % layout.block_len == 0 && layout.block_len <= 256) {
     quantize_float_scaled_blocks<R>(in, out, layout, first, last, p, tensor_max);
+  } else if (K == Kind::Scaled && p.scale == ScaleKind::E8m0 && layout.inner == 1 && layout.block_len <= 256) {
+    quantize_normalized_blocks_of<R>(in, out, layout, first, last, p, tensor_max, key);
   } else {
     quantize_short_blocks<K, R>(in, out, layout, first, last, p, tensor_max, key);
   }
@@ -369,25 +516,6 @@ void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layou
 // a [block_len, inner] slab; a task takes the columns [i0, i0 + width) of one slab. Counters
 // are as if the dim had been moved last (BlockLayout::counter_of).
 
-// The exponent of the smallest step of a scaled format's element (before scaling).
-inline int element_step_exponent(const FormatParams& p) {
-  return p.element == Kind::Fixed ? p.e_q : float_small_step_exponent(p);
-}
-
-// Whether the columns of a slab can be rounded row by row, each value divided by its column's
-// power-of-two scale 2^E, rounded in the element's own grid and multiplied back: true for
-// E8M0 scales when every element value times 2^E is a float32 (so multiplying back is exact)
-// and the element's steps are far above float32's normals (so a quotient that underflows
-// rounds as the exact quotient would: only its sign and that it is not zero matter).
-template <Kind K>
-bool columns_normalize(const FormatParams& p, const BlockState* states, int64_t count) {
-  if (K != Kind::Scaled || p.scale != ScaleKind::E8m0 || element_step_exponent(p) < -93) return false;
-  for (int64_t w = 0; w < count; ++w) {
-    if (element_step_exponent(p) + states[w].block < -149 || !(states[w].max_mag <= FLT_MAX)) return false;
-  }
-  return true;
-}
-
 // The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see columns_normalize):
 // the loop over a row's columns runs with the element's constant step, and vectorises.
 template <Kind KE, Rounding R, bool Fast, typename scalar_t>
@@ -396,19 +524,16 @@ void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayo
                               const float* inverse, uint64_t key) {
   const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
   const Range range = make_range(p.element_max, p.element_max, false);
-  const float tiny = pow2_normal(-126);  // stands for a quotient that underflowed to zero
   for (int64_t k = 0; k < n; ++k) {
     const int64_t offset = (o * layout.dim_size + d0 + k) * layout.inner + i0;
     const scalar_t* row_in = in + offset;
     scalar_t* row_out = out + offset;
     const uint64_t counter = static_cast<uint64_t>(layout.counter_of(o, d0 + k, i0));
     for (int64_t w = 0; w < width; ++w) {
-      const float x = static_cast<float>(row_in[w]);
-      float y = x * inverse[w];
-      y = (y == 0.0f && x != 0.0f) ? std::copysign(tiny * 0.5f, x) : y;
       const uint32_t r =
           R == Rounding::Stochastic ? random_bits(key, counter + static_cast<uint64_t>(w * layout.dim_size)) : 0u;
-      row_out[w] = static_cast<scalar_t>(quantize_element<KE, R, Fast>(p, y, p.e_q, step, range, r) * scale[w]);
+      row_out[w] = static_cast<scalar_t>(
+          quantize_normalized<KE, R, Fast>(p, static_cast<float>(row_in[w]), scale[w], inverse[w], step, range, r));
     }
   }
 }

@@ -82,6 +82,30 @@ def test_block_layouts_match_the_reference(block, dim, shape, scale, rounding):
     check(x.double(), ScaledFormat("fp8_e5m2", block, dim=dim, scale=scale), rounding)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "down"])
+@pytest.mark.parametrize(
+    ("element", "block", "shape", "huge_rows"),
+    [
+        ("fp8_e4m3", 32, (8, 320), [7]),  # 80 blocks: a batch of 64 normalised, then one that is not
+        ("fp8_e4m3", 32, (8, 320), [0]),  # the other way round
+        ("fixed(8,6,symmetric=true)", 16, (4, 640), [1, 3]),
+        ("fp6_e2m3", 7, (40, 50), [30]),  # blocks of 7 and a short one per row; 2 batches
+    ],
+    ids=str,
+)
+def test_batches_of_short_blocks_match_the_reference(element, block, shape, huge_rows, rounding):
+    """The CPU kernels round blocks along the last dim with E8M0 scales a batch of blocks at a
+    time, normalised (x / 2^E rounded in the element's grid, times 2^E), where every block's
+    2^E keeps that exact. In the fp8_e4m3 cases a block near float32's top under rceil scales
+    (E + the element's largest exponent passes 127) sends its batch the long way, next to a
+    normalised one; the others take blocks of 16 and of 7 (with a short one per row)."""
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 31, (shape[0], 1), generator=g).float())
+    x[huge_rows, :3] = 3e38
+    check(x, ScaledFormat(element, block, scale_rounding="rceil"), rounding)
+    check(x[:, : shape[1] // 2], ScaledFormat(element, block, scale_rounding="floor"), rounding)
+
+
 def test_a_tile_needs_two_dims():
     with pytest.raises(ValueError, match=r"block=\(128, 128\).*2 or more dims"):
         lp.quantize(torch.ones(5), "fp8_blockwise_128x128")
