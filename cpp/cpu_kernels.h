@@ -356,38 +356,48 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
 }
 
 // Short whole blocks [first, last) with float scales, in a mode other than stochastic (NVFP4's
-// blocks of 16 and the like), a batch of blocks at a time: each block's scale, written out
-// per element, then one vectorised loop over the whole batch. A loop per block would cost a
-// 16-element block more in set-up than in arithmetic.
-template <Rounding R, typename scalar_t>
+// blocks of 16 and the like), a batch of blocks at a time, in loops that vectorise: every
+// block's maximum, then their scales (float_block_scale, across the blocks), then every
+// element. A loop per block would cost a 16-element block more in set-up than in arithmetic.
+// Len: the block length where it is fixed at compile time, else 0.
+template <Rounding R, int64_t Len, typename scalar_t>
 void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
                                   int64_t first, int64_t last, const FormatParams p, uint32_t tensor_max) {
   // (p by value: a reference could alias the floats written, which keeps the loops scalar)
-  constexpr int64_t kBatch = 2048;  // elements; their scales stay in L1
+  constexpr int64_t kBatch = 2048;  // elements
+  uint32_t maxima[kBatch];
   float scale[kBatch], inf_mag[kBatch];
-  const int64_t len = layout.block_len, per_batch = std::max<int64_t>(1, kBatch / len);
+  const int64_t len = Len ? Len : layout.block_len, per_batch = std::max<int64_t>(1, kBatch / len);
   for (int64_t b0 = first; b0 < last; b0 += per_batch) {
-    const int64_t b1 = std::min(last, b0 + per_batch);
-    bool fast = true;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t begin = b * len;
-      const BlockState st = block_state<Kind::Scaled>(p, span_max(in, begin, begin + len, begin + len), tensor_max);
-      fast = fast && float_scaled_fast_applies<R>(p, st.scale);
-      std::fill_n(scale + (b - b0) * len, len, st.scale);
-      std::fill_n(inf_mag + (b - b0) * len, len, st.max_mag);
-    }
+    const int64_t count = std::min(last, b0 + per_batch) - b0;
     const scalar_t* batch_in = in + b0 * len;
     scalar_t* batch_out = out + b0 * len;
-    const uint32_t n = static_cast<uint32_t>((b1 - b0) * len);
-    if (fast) {
-      for (uint32_t j = 0; j < n; ++j) {
-        batch_out[j] = static_cast<scalar_t>(
-            quantize_float_scaled_fast<R>(p, static_cast<float>(batch_in[j]), scale[j], inf_mag[j]));
+    for (int64_t i = 0; i < count; ++i) {
+      uint32_t m = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t a = finite_magnitude_bits(static_cast<float>(batch_in[i * len + j]));
+        m = a > m ? a : m;
       }
-    } else {
-      for (uint32_t j = 0; j < n; ++j) {
-        batch_out[j] = static_cast<scalar_t>(
-            quantize_float_scaled<R>(p, static_cast<float>(batch_in[j]), scale[j], inf_mag[j], 0u));
+      maxima[i] = m;
+    }
+    uint32_t fast = 1;  // (an integer: a bool reduction stops the vectoriser)
+    for (int64_t i = 0; i < count; ++i) {
+      float_block_scale(p, maxima[i], tensor_max, &scale[i], &inf_mag[i]);
+      fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[i]));
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const float s = scale[i], inf = inf_mag[i];
+      const scalar_t* block_in = batch_in + i * len;
+      scalar_t* block_out = batch_out + i * len;
+      if (fast) {
+        for (int64_t j = 0; j < len; ++j) {
+          block_out[j] = static_cast<scalar_t>(quantize_float_scaled_fast<R>(p, static_cast<float>(block_in[j]), s, inf));
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          block_out[j] =
+              static_cast<scalar_t>(quantize_float_scaled<R>(p, static_cast<float>(block_in[j]), s, inf, 0u));
+        }
       }
     }
   }
@@ -504,7 +514,13 @@ void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layou
                      const FormatParams& p, uint32_t tensor_max, uint64_t key) {
   if (K == Kind::Scaled && p.scale != ScaleKind::E8m0 && R != Rounding::Stochastic && layout.inner == 1 &&
       layout.dim_size % layout.block_len == 0 && layout.block_len <= 256) {
-    quantize_float_scaled_blocks<R>(in, out, layout, first, last, p, tensor_max);
+    if (layout.block_len == 16) {
+      quantize_float_scaled_blocks<R, 16>(in, out, layout, first, last, p, tensor_max);
+    } else if (layout.block_len == 32) {
+      quantize_float_scaled_blocks<R, 32>(in, out, layout, first, last, p, tensor_max);
+    } else {
+      quantize_float_scaled_blocks<R, 0>(in, out, layout, first, last, p, tensor_max);
+    }
   } else if (K == Kind::Scaled && p.scale == ScaleKind::E8m0 && layout.inner == 1 && layout.block_len <= 256) {
     quantize_normalized_blocks_of<R>(in, out, layout, first, last, p, tensor_max, key);
   } else {

@@ -191,6 +191,9 @@ struct FormatParams {
   bool tensor_scale;    // NVFP4: a float32 tensor scale above E4M3 block scales
 };
 
+// Exponent of a custom float's step below its smallest normal.
+LOWP_HD int float_small_step_exponent(const FormatParams& p) { return p.subnormals ? p.emin - p.man : p.emin; }
+
 // Step exponent of a custom float around |x| (bits a).
 LOWP_HD int float_step_exponent(const FormatParams& p, uint32_t a) {
   const int e = static_cast<int>(a >> 23) - 127;  // float32 subnormals give -127: below every emin
@@ -471,54 +474,6 @@ LOWP_HD float quantize_float_scaled(const FormatParams& p, float x, float s, flo
   return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
 }
 
-// a * b + c with one rounding, in float32.
-LOWP_HD float fma_float(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return __builtin_fmaf(a, b, c);
-#endif
-}
-
-// Whether quantize_float_scaled_fast gives quantize_float_scaled's result in a block with
-// scale s: modes other than stochastic, scales within 2^-60..2^60 and element steps of at
-// least 2^-30 (so the remainder below is exact wherever its sign matters).
-template <Rounding R>
-LOWP_HD bool float_scaled_fast_applies(const FormatParams& p, float s) {
-  const int element_step = p.element == Kind::Fixed ? p.e_q : (p.subnormals ? p.emin - p.man : p.emin);
-  return R != Rounding::Stochastic && s >= 0x1p-60f && s <= 0x1p60f && element_step >= -30;
-}
-
-// quantize_float_scaled's result in float32 operations, where float_scaled_fast_applies:
-// y = float32(|x| / s), and the remainder |x| - y * s, exact by one fused multiply-add (the
-// remainder of a correctly rounded quotient is a float32), says on which side of y the exact
-// quotient lies. That sign is all that rounding y to the element's grid, much coarser than
-// y's last bit, can miss: where y lands on a midpoint or on the grid itself (round_to_step's
-// sticky). Then q * s in one float32 multiplication: exact, rounded once.
-template <Rounding R>
-LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s, float inf_mag) {
-  const uint32_t u = bits_of(x);
-  const uint32_t sign = u & kSignBit;
-  const uint32_t a_bits = u ^ sign;
-  const bool live = a_bits - 1u < kInfBits - 1u && s > 0.0f;  // finite, nonzero, with a positive scale
-  const float a = float_of(live ? a_bits : 0x3f800000u), sd = live ? s : 1.0f;
-  const float y = div_rn(a, sd);
-  const float rest = fma_float(-y, sd, a);  // NaN where y overflowed: then y > top below
-  const uint32_t above = rest > 0.0f, below = rest < 0.0f;
-  const uint32_t y_bits = bits_of(y);
-  // (a mask, not a select on the loop-invariant kind, which does not vectorise)
-  const int fixed_mask = p.element == Kind::Fixed ? -1 : 0;
-  const int e_q = (p.e_q & fixed_mask) | (float_step_exponent(p, y_bits) & ~fixed_mask);
-  const uint32_t q = round_to_step<R>(y_bits, e_q, sign >> 31, 0u, above, below);
-  // the exact quotient at or past the largest element: every mode saturates there
-  const uint32_t top = bits_of(p.element_max);
-  const bool saturate = y_bits > top || (y_bits == top && !below) || q > top;
-  const uint32_t live_mask = 0u - static_cast<uint32_t>(live);
-  const uint32_t mag = bits_of(mul_rn(float_of(saturate ? top : q), sd)) & live_mask;
-  const uint32_t special = a_bits > kInfBits ? u : sign | bits_of(inf_mag);  // NaN; +-Inf saturates
-  return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
-}
-
 // Bits of |x| for the block maximum: finite magnitudes compare as integers; Inf/NaN count 0.
 // (A mask rather than a select: GCC vectorises the max-reduction over it.)
 LOWP_HD uint32_t finite_magnitude_bits(float x) {
@@ -619,6 +574,68 @@ LOWP_HD uint32_t float_round(const FormatParams& p, uint32_t a, const Step& smal
   return a < static_cast<uint32_t>(p.emin + 127) << 23 ? bits_of(below) : normal;
 }
 
+// a * b + c with one rounding, in float32.
+LOWP_HD float fma_float(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+// Whether quantize_float_scaled_fast gives quantize_float_scaled's result in a block with
+// scale s: modes other than stochastic, scales within 2^-60..2^60 and element steps of at
+// least 2^-30 (so the remainder below is exact wherever its sign matters).
+template <Rounding R>
+LOWP_HD bool float_scaled_fast_applies(const FormatParams& p, float s) {
+  const int element_step = p.element == Kind::Fixed ? p.e_q : (p.subnormals ? p.emin - p.man : p.emin);
+  return R != Rounding::Stochastic && s >= 0x1p-60f && s <= 0x1p60f && element_step >= -30;
+}
+
+// quantize_float_scaled's result in float32 operations, where float_scaled_fast_applies:
+// y = float32(|x| / s), and the remainder |x| - y * s, exact by one fused multiply-add (the
+// remainder of a correctly rounded quotient is a float32), says on which side of y the exact
+// quotient lies. That sign is all that rounding y to the element's grid, much coarser than
+// y's last bit, can miss: where y lands on a midpoint or on the grid itself (round_to_step's
+// sticky). Then q * s in one float32 multiplication: exact, rounded once.
+template <Rounding R>
+LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s, float inf_mag) {
+  const uint32_t u = bits_of(x);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a_bits = u ^ sign;
+  const bool live = a_bits - 1u < kInfBits - 1u && s > 0.0f;  // finite, nonzero, with a positive scale
+  const float a = float_of(live ? a_bits : 0x3f800000u), sd = live ? s : 1.0f;
+  const float y = div_rn(a, sd);
+  const float rest = fma_float(-y, sd, a);  // NaN where y overflowed: then y > top below
+  const uint32_t above = rest > 0.0f, below = rest < 0.0f;
+  const uint32_t y_bits = bits_of(y);
+  const uint32_t top = bits_of(p.element_max);
+  uint32_t q;
+  bool saturate;
+  if (R == Rounding::Nearest) {
+    // the exact quotient rounded to odd on float32's bits (y one step toward zero where it lies
+    // below y, the last bit set where inexact), then to nearest even on the element's grid by
+    // the FPU's shortcuts: 24 bits >= the element's + 2, so that is the correct rounding of the
+    // exact quotient (as in add_rounded_nearest_odd). Past the largest element it saturates.
+    const uint32_t odd = (y_bits - below) | (above | below);
+    const Step small = make_step(p.element == Kind::Fixed ? p.e_q : float_small_step_exponent(p));
+    q = p.element == Kind::Fixed ? bits_of(round_nearest_step(float_of(odd), small))
+                                 : float_round<Rounding::Nearest>(p, odd, small, 0u);
+    saturate = q > top;
+  } else {
+    // (a mask, not a select on the loop-invariant kind, which does not vectorise)
+    const int fixed_mask = p.element == Kind::Fixed ? -1 : 0;
+    const int e_q = (p.e_q & fixed_mask) | (float_step_exponent(p, y_bits) & ~fixed_mask);
+    q = round_to_step<R>(y_bits, e_q, sign >> 31, 0u, above, below);
+    // the exact quotient at or past the largest element: every mode saturates there
+    saturate = y_bits > top || (y_bits == top && !below) || q > top;
+  }
+  const uint32_t live_mask = 0u - static_cast<uint32_t>(live);
+  const uint32_t mag = bits_of(mul_rn(float_of(saturate ? top : q), sd)) & live_mask;
+  const uint32_t special = a_bits > kInfBits ? u : sign | bits_of(inf_mag);  // NaN; +-Inf saturates
+  return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
+}
+
 // apply_range for the two modes above, which round away from zero when they round up: a
 // magnitude beyond the largest finite one overflows to Inf where the format has Inf codes
 // and overflow="inf", else saturates. The comparisons are on floats, where NaN passes.
@@ -651,8 +668,6 @@ LOWP_HD float apply_range_saturating(uint32_t u, uint32_t mag, const Range& rang
   return -range.max_neg > below_top ? -range.max_neg : below_top;
 }
 
-// Exponent of a custom float's step below its smallest normal.
-LOWP_HD int float_small_step_exponent(const FormatParams& p) { return p.subnormals ? p.emin - p.man : p.emin; }
 
 // ---- low-precision accumulation: one addition rounded once -------------------------------
 // (lightning_lowp/accumulation_reference.py is the contract; accumulate_cpu.cpp the kernel.)
