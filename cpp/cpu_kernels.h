@@ -302,19 +302,7 @@ inline bool normalize_applies(const FormatParams& p, int e_low, int e_high) {
          element_step_exponent(p) + e_low >= -149 && e_high + p.element_emax <= 127;
 }
 
-// The same for the columns of a slab (quantize_column_blocks), from their states.
-template <Kind K>
-bool columns_normalize(const FormatParams& p, const BlockState* states, int64_t count) {
-  if (K != Kind::Scaled || count == 0) return false;
-  int e_low = states[0].block, e_high = states[0].block;
-  for (int64_t w = 1; w < count; ++w) {
-    e_low = min_int(e_low, states[w].block);
-    e_high = max_int(e_high, states[w].block);
-  }
-  return normalize_applies(p, e_low, e_high);
-}
-
-// One element of a block with power-of-two scale 2^E, normalised (see columns_normalize):
+// One element of a block with power-of-two scale 2^E, normalised (see normalize_applies):
 // x * 2^-E rounded in the element's own grid, times 2^E. A quotient that underflowed to zero
 // stands in as half of float32's smallest normal, which rounds as the exact quotient would.
 template <Kind KE, Rounding R, bool Fast>
@@ -532,7 +520,7 @@ void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layou
 // a [block_len, inner] slab; a task takes the columns [i0, i0 + width) of one slab. Counters
 // are as if the dim had been moved last (BlockLayout::counter_of).
 
-// The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see columns_normalize):
+// The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see normalize_applies):
 // the loop over a row's columns runs with the element's constant step, and vectorises.
 template <Kind KE, Rounding R, bool Fast, typename scalar_t>
 void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams p,
@@ -595,6 +583,7 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
     std::vector<uint32_t> maxima(columns);
     std::vector<BlockState> states(columns);
     std::vector<float> scale(columns), inverse(columns);
+    std::vector<int> exponents(columns);
     for (int64_t task = first; task < last; ++task) {
       const int64_t g = task % groups, c = (task / groups) % per_dim, o = task / groups / per_dim;
       const int64_t d0 = c * len, n = std::min(layout.dim_size, d0 + len) - d0;
@@ -607,15 +596,27 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
           maxima[w] = a > maxima[w] ? a : maxima[w];
         }
       }
-      for (int64_t w = 0; w < width; ++w) states[w] = block_state<K>(p, maxima[w], tensor_max);
-      if (!columns_normalize<K>(p, states.data(), width)) {
+      // power-of-two scales: the exponents across the columns, and 2^E, 2^-E where the
+      // columns can be rounded normalised; else (and for block floating point) per column
+      bool normalized = false;
+      if (K == Kind::Scaled && p.scale == ScaleKind::E8m0) {
+        int e_low = 127, e_high = -127;
+        for (int64_t w = 0; w < width; ++w) {
+          exponents[w] = scale_exponent(p, maxima[w]);
+          e_low = min_int(e_low, exponents[w]);
+          e_high = max_int(e_high, exponents[w]);
+        }
+        normalized = normalize_applies(p, e_low, e_high);
+      }
+      if (!normalized) {
+        for (int64_t w = 0; w < width; ++w) states[w] = block_state<K>(p, maxima[w], tensor_max);
         quantize_transposed_columns<K, R>(in, out, layout, p, states.data(), o, d0, n, i0, width, buffer.data(),
                                           buffer.data() + columns * len, key);
         continue;
       }
-      for (int64_t w = 0; w < width; ++w) {
-        scale[w] = std::ldexp(1.0f, states[w].block);
-        inverse[w] = std::ldexp(1.0f, -states[w].block);
+      for (int64_t w = 0; w < width; ++w) {  // E in [-127, 127], exactly
+        scale[w] = scale_pow2(1u, exponents[w]);
+        inverse[w] = scale_pow2(1u, -exponents[w]);
       }
       const auto rows = p.element == Kind::Fixed
                             ? (fast ? quantize_normalized_rows<Kind::Block, R, true, scalar_t>
