@@ -532,12 +532,23 @@ void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayo
     const int64_t offset = (o * layout.dim_size + d0 + k) * layout.inner + i0;
     const scalar_t* row_in = in + offset;
     scalar_t* row_out = out + offset;
+    // column w's counter: counter + w * dim_size; bits(w) draws its random bits
     const uint64_t counter = static_cast<uint64_t>(layout.counter_of(o, d0 + k, i0));
-    for (int64_t w = 0; w < width; ++w) {
-      const uint32_t r =
-          R == Rounding::Stochastic ? random_bits(key, counter + static_cast<uint64_t>(w * layout.dim_size)) : 0u;
-      row_out[w] = static_cast<scalar_t>(
-          quantize_normalized<KE, R, Fast>(p, static_cast<float>(row_in[w]), scale[w], inverse[w], step, range, r));
+    const auto round_row = [&](auto bits) {
+      for (int64_t w = 0; w < width; ++w) {
+        row_out[w] = static_cast<scalar_t>(quantize_normalized<KE, R, Fast>(p, static_cast<float>(row_in[w]), scale[w],
+                                                                            inverse[w], step, range, bits(w)));
+      }
+    };
+    const uint64_t last = counter + static_cast<uint64_t>((width - 1) * layout.dim_size);
+    if (R != Rounding::Stochastic) {
+      round_row([](int64_t) { return 0u; });
+    } else if ((counter >> 32) == (last >> 32)) {  // one high word: 32-bit counters, which vectorise
+      const uint32_t low = static_cast<uint32_t>(counter), high = static_cast<uint32_t>(counter >> 32);
+      const uint32_t stride = static_cast<uint32_t>(layout.dim_size);
+      round_row([&](int64_t w) { return random_bits(key, low + static_cast<uint32_t>(w) * stride, high); });
+    } else {
+      round_row([&](int64_t w) { return random_bits(key, counter + static_cast<uint64_t>(w * layout.dim_size)); });
     }
   }
 }
