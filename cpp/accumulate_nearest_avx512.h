@@ -3,7 +3,7 @@
 // the processor has built in, and the formats of float32's range (bf16, float(8, m)). They
 // are the vector forms of add_rounded_nearest_odd and add_rounded_nearest_odd_wide
 // (rounding.h), written with intrinsics because the mask registers and the binary16
-// conversion are what make them fast: 17-20 instructions a column where GCC's vectorised
+// conversion are what make them fast: 17-20 instructions per 16 columns where GCC's vectorised
 // scalar code takes 22 (bf16) and 37 (fp16). The tests hold them to the reference and to the
 // scalar code (LOWP_CPU_ISA=avx2) bit for bit.
 #pragma once
