@@ -443,11 +443,14 @@ void quantize_normalized_blocks(const scalar_t* __restrict__ in, scalar_t* __res
       maxima[i] = m;
     }
     int e_low = 127, e_high = -127;
+    if (p.scale_rule == ScaleRule::Floor) {  // (the same exponents, in a loop that vectorises)
+      for (int64_t i = 0; i < count; ++i) exponents[i] = floor_scale_exponent(p, maxima[i]);
+    } else {
+      for (int64_t i = 0; i < count; ++i) exponents[i] = scale_exponent(p, maxima[i]);
+    }
     for (int64_t i = 0; i < count; ++i) {
-      const int e = scale_exponent(p, maxima[i]);
-      exponents[i] = e;
-      e_low = min_int(e_low, e);
-      e_high = max_int(e_high, e);
+      e_low = min_int(e_low, exponents[i]);
+      e_high = max_int(e_high, exponents[i]);
     }
     if (!normalize_applies(p, e_low, e_high) || next_counter_wrap(batch_begin, 0) < batch_end) {
       quantize_short_blocks<Kind::Scaled, R>(in, out, layout, b0, b0 + count, p, tensor_max, key);
@@ -613,7 +616,8 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
       if (K == Kind::Scaled && p.scale == ScaleKind::E8m0) {
         int e_low = 127, e_high = -127;
         for (int64_t w = 0; w < width; ++w) {
-          exponents[w] = scale_exponent(p, maxima[w]);
+          exponents[w] = p.scale_rule == ScaleRule::Floor ? floor_scale_exponent(p, maxima[w])
+                                                          : scale_exponent(p, maxima[w]);
           e_low = min_int(e_low, exponents[w]);
           e_high = max_int(e_high, exponents[w]);
         }

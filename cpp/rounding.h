@@ -244,6 +244,17 @@ LOWP_HD int exponent_of(uint32_t a) {
 #endif
 }
 
+// scale_exponent under ScaleRule::Floor (OCP's), without branches, so that a loop over many
+// blocks' maxima vectorises: a subnormal's exponent through the float conversion of its bits
+// (exact: they are below 2^23).
+LOWP_HD int floor_scale_exponent(const FormatParams& p, uint32_t max_bits) {
+  const int normal = static_cast<int>(max_bits >> 23) - 127;
+  const int subnormal =
+      static_cast<int>(bits_of(static_cast<float>(static_cast<int32_t>(max_bits))) >> 23) - 127 - 149;
+  const int e = ((max_bits >> 23) ? normal : subnormal) - p.element_emax;
+  return max_bits == 0 ? -127 : min_int(max_int(e, -127), 127);
+}
+
 // The exponent E of a scaled format's power-of-two block scale 2^E, from the bits of the
 // block's largest finite magnitude amax, in -127..127 (E8M0). The rules are torchao's
 // ScaleCalculationMode, on the same float32 bits: floor 2^(floor(log2 amax) - emax) (OCP MX
@@ -256,8 +267,7 @@ LOWP_HD int scale_exponent(const FormatParams& p, uint32_t max_bits) {
   if (max_bits == 0) return -127;
   switch (p.scale_rule) {
     case ScaleRule::Floor:
-      e = exponent_of(max_bits) - p.element_emax;
-      break;
+      return floor_scale_exponent(p, max_bits);
     case ScaleRule::Ceil:
       e = static_cast<int>(max_bits >> 23) - 127 + ((max_bits & 0x7fffffu) != 0u) - p.element_emax;
       break;
