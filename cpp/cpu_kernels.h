@@ -302,6 +302,23 @@ inline bool normalize_applies(const FormatParams& p, int e_low, int e_high) {
          element_step_exponent(p) + e_low >= -149 && e_high + p.element_emax <= 127;
 }
 
+// The scale exponents of `count` blocks with power-of-two scales from their maxima, into
+// exponents[], and whether those blocks can be rounded normalised (normalize_applies). (The
+// floor rule in its own loop, which vectorises.)
+inline bool normalized_exponents(const FormatParams& p, const uint32_t* maxima, int64_t count, int* exponents) {
+  if (p.scale_rule == ScaleRule::Floor) {
+    for (int64_t i = 0; i < count; ++i) exponents[i] = floor_scale_exponent(p, maxima[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) exponents[i] = scale_exponent(p, maxima[i]);
+  }
+  int e_low = 127, e_high = -127;
+  for (int64_t i = 0; i < count; ++i) {
+    e_low = min_int(e_low, exponents[i]);
+    e_high = max_int(e_high, exponents[i]);
+  }
+  return normalize_applies(p, e_low, e_high);
+}
+
 // One element of a block with power-of-two scale 2^E, normalised (see normalize_applies):
 // x * 2^-E rounded in the element's own grid, times 2^E. A quotient that underflowed to zero
 // stands in as half of float32's smallest normal, which rounds as the exact quotient would.
@@ -442,17 +459,7 @@ void quantize_normalized_blocks(const scalar_t* __restrict__ in, scalar_t* __res
       }
       maxima[i] = m;
     }
-    int e_low = 127, e_high = -127;
-    if (p.scale_rule == ScaleRule::Floor) {  // (the same exponents, in a loop that vectorises)
-      for (int64_t i = 0; i < count; ++i) exponents[i] = floor_scale_exponent(p, maxima[i]);
-    } else {
-      for (int64_t i = 0; i < count; ++i) exponents[i] = scale_exponent(p, maxima[i]);
-    }
-    for (int64_t i = 0; i < count; ++i) {
-      e_low = min_int(e_low, exponents[i]);
-      e_high = max_int(e_high, exponents[i]);
-    }
-    if (!normalize_applies(p, e_low, e_high) || next_counter_wrap(batch_begin, 0) < batch_end) {
+    if (!normalized_exponents(p, maxima, count, exponents) || next_counter_wrap(batch_begin, 0) < batch_end) {
       quantize_short_blocks<Kind::Scaled, R>(in, out, layout, b0, b0 + count, p, tensor_max, key);
       continue;
     }
@@ -612,17 +619,8 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
       }
       // power-of-two scales: the exponents across the columns, and 2^E, 2^-E where the
       // columns can be rounded normalised; else (and for block floating point) per column
-      bool normalized = false;
-      if (K == Kind::Scaled && p.scale == ScaleKind::E8m0) {
-        int e_low = 127, e_high = -127;
-        for (int64_t w = 0; w < width; ++w) {
-          exponents[w] = p.scale_rule == ScaleRule::Floor ? floor_scale_exponent(p, maxima[w])
-                                                          : scale_exponent(p, maxima[w]);
-          e_low = min_int(e_low, exponents[w]);
-          e_high = max_int(e_high, exponents[w]);
-        }
-        normalized = normalize_applies(p, e_low, e_high);
-      }
+      const bool normalized = K == Kind::Scaled && p.scale == ScaleKind::E8m0 &&
+                              normalized_exponents(p, maxima.data(), width, exponents.data());
       if (!normalized) {
         for (int64_t w = 0; w < width; ++w) states[w] = block_state<K>(p, maxima[w], tensor_max);
         quantize_transposed_columns<K, R>(in, out, layout, p, states.data(), o, d0, n, i0, width, buffer.data(),
