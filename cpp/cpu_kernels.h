@@ -195,8 +195,8 @@ BlockPlan plan_block(const FormatParams& p, const BlockState& s) {
 }
 
 // The elements [begin, end) of a block with a float scale (rounding.h), in a loop of their
-// own that vectorises for the non-stochastic modes: quantize_float_scaled_fast where it
-// applies, else quantize_float_scaled.
+// own: quantize_float_scaled_fast where it applies (a loop that vectorises), else
+// quantize_float_scaled.
 template <Rounding R, bool Fast, typename scalar_t>
 void quantize_float_scaled_loop(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t begin,
                                 int64_t end, int64_t numel, const FormatParams p, float scale, float inf_mag,
@@ -212,12 +212,9 @@ void quantize_float_scaled_loop(const scalar_t* __restrict__ in, scalar_t* __res
     const uint32_t n = static_cast<uint32_t>(stop - t);
     for (uint32_t j = 0; j < n; ++j) {
       const float x = static_cast<float>(tile_in[j]);
-      if (Fast) {
-        tile_out[j] = static_cast<scalar_t>(quantize_float_scaled_fast<R>(p, x, scale, inf_mag));
-      } else {
-        const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
-        tile_out[j] = static_cast<scalar_t>(quantize_float_scaled<R>(p, x, scale, inf_mag, r));
-      }
+      const uint32_t r = R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
+      tile_out[j] = static_cast<scalar_t>(Fast ? quantize_float_scaled_fast<R>(p, x, scale, r)
+                                               : quantize_float_scaled<R>(p, x, scale, inf_mag, r));
     }
     t = stop;
   }
@@ -360,23 +357,30 @@ void quantize_short_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict
   }
 }
 
-// Short whole blocks [first, last) with float scales, in a mode other than stochastic (NVFP4's
-// blocks of 16 and the like), a batch of blocks at a time, in loops that vectorise: every
-// block's maximum, then their scales (float_block_scale, across the blocks), then every
-// element. A loop per block would cost a 16-element block more in set-up than in arithmetic.
-// Len: the block length where it is fixed at compile time, else 0.
+// Short whole blocks [first, last) with float scales (NVFP4's blocks of 16 and the like), a
+// batch of blocks at a time, in loops that vectorise: every block's maximum, then their
+// scales (float_block_scale, across the blocks), then every element. A loop per block would
+// cost a 16-element block more in set-up than in arithmetic. A batch whose stochastic-rounding
+// counters cross a multiple of 2^32 goes through quantize_short_blocks. Len: the block
+// length where it is fixed at compile time, else 0.
 template <Rounding R, int64_t Len, typename scalar_t>
-void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const BlockLayout& layout,
-                                  int64_t first, int64_t last, const FormatParams p, uint32_t tensor_max) {
+void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                                  const BlockLayout& layout, int64_t first, int64_t last, const FormatParams p,
+                                  uint32_t tensor_max, uint64_t key) {
   // (p by value: a reference could alias the floats written, which keeps the loops scalar)
   constexpr int64_t kBatch = 2048;  // elements
   uint32_t maxima[kBatch];
-  float scale[kBatch], inf_mag[kBatch];
+  float scale[kBatch], inf_mag[kBatch], element_scale[kBatch], element_inf[kBatch];
   const int64_t len = Len ? Len : layout.block_len, per_batch = std::max<int64_t>(1, kBatch / len);
   for (int64_t b0 = first; b0 < last; b0 += per_batch) {
-    const int64_t count = std::min(last, b0 + per_batch) - b0;
-    const scalar_t* batch_in = in + b0 * len;
-    scalar_t* batch_out = out + b0 * len;
+    const int64_t count = std::min(last, b0 + per_batch) - b0, n = count * len;
+    const int64_t batch_begin = b0 * len;  // whole blocks along the last dim: contiguous
+    if (R == Rounding::Stochastic && next_counter_wrap(batch_begin, 0) < batch_begin + n) {
+      quantize_short_blocks<Kind::Scaled, R>(in, out, layout, b0, b0 + count, p, tensor_max, key);
+      continue;
+    }
+    const scalar_t* batch_in = in + batch_begin;
+    scalar_t* batch_out = out + batch_begin;
     for (int64_t i = 0; i < count; ++i) {
       uint32_t m = 0;
       for (int64_t j = 0; j < len; ++j) {
@@ -385,24 +389,31 @@ void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __r
       }
       maxima[i] = m;
     }
+    for (int64_t i = 0; i < count; ++i) float_block_scale(p, maxima[i], tensor_max, &scale[i], &inf_mag[i]);
     uint32_t fast = 1;  // (an integer: a bool reduction stops the vectoriser)
+    for (int64_t i = 0; i < count; ++i) fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[i]));
+    // Each element's scale beside it, and one loop over the batch: a loop per block would set
+    // up the format's constants again for every block (measured: NVFP4 1.5x slower).
     for (int64_t i = 0; i < count; ++i) {
-      float_block_scale(p, maxima[i], tensor_max, &scale[i], &inf_mag[i]);
-      fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[i]));
+      for (int64_t j = 0; j < len; ++j) element_scale[i * len + j] = scale[i];
     }
-    for (int64_t i = 0; i < count; ++i) {
-      const float s = scale[i], inf = inf_mag[i];
-      const scalar_t* block_in = batch_in + i * len;
-      scalar_t* block_out = batch_out + i * len;
-      if (fast) {
-        for (int64_t j = 0; j < len; ++j) {
-          block_out[j] = static_cast<scalar_t>(quantize_float_scaled_fast<R>(p, static_cast<float>(block_in[j]), s, inf));
-        }
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          block_out[j] =
-              static_cast<scalar_t>(quantize_float_scaled<R>(p, static_cast<float>(block_in[j]), s, inf, 0u));
-        }
+    const uint32_t counter_low = static_cast<uint32_t>(batch_begin);
+    const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(batch_begin) >> 32);
+    const auto bits = [&](int64_t j) {
+      return R == Rounding::Stochastic ? random_bits(key, counter_low + static_cast<uint32_t>(j), counter_high) : 0u;
+    };
+    if (fast) {
+      for (int64_t j = 0; j < n; ++j) {
+        batch_out[j] = static_cast<scalar_t>(
+            quantize_float_scaled_fast<R>(p, static_cast<float>(batch_in[j]), element_scale[j], bits(j)));
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        for (int64_t j = 0; j < len; ++j) element_inf[i * len + j] = inf_mag[i];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        batch_out[j] = static_cast<scalar_t>(
+            quantize_float_scaled<R>(p, static_cast<float>(batch_in[j]), element_scale[j], element_inf[j], bits(j)));
       }
     }
   }
@@ -510,14 +521,14 @@ void quantize_normalized_blocks_of(const scalar_t* in, scalar_t* out, const Bloc
 template <Kind K, Rounding R, typename scalar_t>
 void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layout, int64_t first, int64_t last,
                      const FormatParams& p, uint32_t tensor_max, uint64_t key) {
-  if (K == Kind::Scaled && p.scale != ScaleKind::E8m0 && R != Rounding::Stochastic && layout.inner == 1 &&
+  if (K == Kind::Scaled && p.scale != ScaleKind::E8m0 && layout.inner == 1 &&
       layout.dim_size % layout.block_len == 0 && layout.block_len <= 256) {
     if (layout.block_len == 16) {
-      quantize_float_scaled_blocks<R, 16>(in, out, layout, first, last, p, tensor_max);
+      quantize_float_scaled_blocks<R, 16>(in, out, layout, first, last, p, tensor_max, key);
     } else if (layout.block_len == 32) {
-      quantize_float_scaled_blocks<R, 32>(in, out, layout, first, last, p, tensor_max);
+      quantize_float_scaled_blocks<R, 32>(in, out, layout, first, last, p, tensor_max, key);
     } else {
-      quantize_float_scaled_blocks<R, 0>(in, out, layout, first, last, p, tensor_max);
+      quantize_float_scaled_blocks<R, 0>(in, out, layout, first, last, p, tensor_max, key);
     }
   } else if (K == Kind::Scaled && p.scale == ScaleKind::E8m0 && layout.inner == 1 && layout.block_len <= 256) {
     quantize_normalized_blocks_of<R>(in, out, layout, first, last, p, tensor_max, key);
@@ -530,14 +541,12 @@ void quantize_blocks(const scalar_t* in, scalar_t* out, const BlockLayout& layou
 // a [block_len, inner] slab; a task takes the columns [i0, i0 + width) of one slab. Counters
 // are as if the dim had been moved last (BlockLayout::counter_of).
 
-// The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row (see normalize_applies):
-// the loop over a row's columns runs with the element's constant step, and vectorises.
-template <Kind KE, Rounding R, bool Fast, typename scalar_t>
-void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams p,
-                              int64_t o, int64_t d0, int64_t n, int64_t i0, int64_t width, const float* scale,
-                              const float* inverse, uint64_t key) {
-  const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
-  const Range range = make_range(p.element_max, p.element_max, false);
+// The slab's rows [d0, d0 + n) x columns [i0, i0 + width), row by row, where each column's
+// block can be rounded with constants set once per column (scale[w] and the like): the loop
+// over a row's columns then vectorises. element(x, w, rbits): x of column w rounded.
+template <Rounding R, typename scalar_t, typename Element>
+void quantize_column_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, int64_t o, int64_t d0,
+                          int64_t n, int64_t i0, int64_t width, uint64_t key, const Element& element) {
   for (int64_t k = 0; k < n; ++k) {
     const int64_t offset = (o * layout.dim_size + d0 + k) * layout.inner + i0;
     const scalar_t* row_in = in + offset;
@@ -546,8 +555,7 @@ void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayo
     const uint64_t counter = static_cast<uint64_t>(layout.counter_of(o, d0 + k, i0));
     const auto round_row = [&](auto bits) {
       for (int64_t w = 0; w < width; ++w) {
-        row_out[w] = static_cast<scalar_t>(quantize_normalized<KE, R, Fast>(p, static_cast<float>(row_in[w]), scale[w],
-                                                                            inverse[w], step, range, bits(w)));
+        row_out[w] = static_cast<scalar_t>(element(static_cast<float>(row_in[w]), w, bits(w)));
       }
     };
     const uint64_t last = counter + static_cast<uint64_t>((width - 1) * layout.dim_size);
@@ -561,6 +569,29 @@ void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayo
       round_row([&](int64_t w) { return random_bits(key, counter + static_cast<uint64_t>(w * layout.dim_size)); });
     }
   }
+}
+
+// Columns with power-of-two scales 2^E, rounded normalised (see normalize_applies) with the
+// element's constant step.
+template <Kind KE, Rounding R, bool Fast, typename scalar_t>
+void quantize_normalized_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams p,
+                              int64_t o, int64_t d0, int64_t n, int64_t i0, int64_t width, const float* scale,
+                              const float* inverse, uint64_t key) {
+  const Step step = make_step(KE == Kind::Float ? float_small_step_exponent(p) : p.e_q);
+  const Range range = make_range(p.element_max, p.element_max, false);
+  quantize_column_rows<R>(in, out, layout, o, d0, n, i0, width, key, [&](float x, int64_t w, uint32_t rbits) {
+    return quantize_normalized<KE, R, Fast>(p, x, scale[w], inverse[w], step, range, rbits);
+  });
+}
+
+// Columns with float scales, where quantize_float_scaled_fast applies to every one.
+template <Rounding R, typename scalar_t>
+void quantize_float_scaled_rows(const scalar_t* in, scalar_t* out, const BlockLayout& layout, const FormatParams p,
+                                int64_t o, int64_t d0, int64_t n, int64_t i0, int64_t width, const float* scale,
+                                uint64_t key) {
+  quantize_column_rows<R>(in, out, layout, o, d0, n, i0, width, key, [&](float x, int64_t w, uint32_t rbits) {
+    return quantize_float_scaled_fast<R>(p, x, scale[w], rbits);
+  });
 }
 
 // Otherwise: a task copies its columns into a buffer, one block after the other, rounds each
@@ -585,7 +616,8 @@ void quantize_transposed_columns(const scalar_t* in, scalar_t* out, const BlockL
 }
 
 // Column blocks: each task finds its columns' maxima row by row (a vectorised loop), then
-// rounds them normalised or through a buffer. (Measured at blocks of 32 along dim 0 of
+// rounds them row by row (normalised, or with float scales through the shortcuts) or through
+// a buffer. (Measured at blocks of 32 along dim 0 of
 // 4096 x 4096: ~1.5x x.clone() normalised, ~6x through the buffer; moving the whole tensor's
 // dim last, as this replaced, took 12-15x.)
 template <Kind K, Rounding R, typename scalar_t>
@@ -615,6 +647,18 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
         for (int64_t w = 0; w < width; ++w) {
           const uint32_t a = finite_magnitude_bits(static_cast<float>(row[w]));
           maxima[w] = a > maxima[w] ? a : maxima[w];
+        }
+      }
+      if (K == Kind::Scaled && p.scale != ScaleKind::E8m0) {  // float scales, across the columns
+        uint32_t all_fast = 1;  // (an integer: a bool reduction stops the vectoriser)
+        for (int64_t w = 0; w < width; ++w) {
+          float inf_mag;  // (+-Inf: element_max * s, what the shortcuts give)
+          float_block_scale(p, maxima[w], tensor_max, &scale[w], &inf_mag);
+          all_fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[w]));
+        }
+        if (all_fast) {
+          quantize_float_scaled_rows<R>(in, out, layout, p, o, d0, n, i0, width, scale.data(), key);
+          continue;
         }
       }
       // power-of-two scales: the exponents across the columns, and 2^E, 2^-E where the

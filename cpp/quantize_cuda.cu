@@ -53,7 +53,7 @@ __device__ __forceinline__ float quantize_element(float x, int64_t i, const Form
   }
   const uint32_t r = R == Rounding::Stochastic ? random_bits(key, static_cast<uint64_t>(counter_of(i, L))) : 0u;
   if (K == Kind::Scaled && p.scale != ScaleKind::E8m0) {
-    return float_scaled_fast_applies<R>(p, scale) ? quantize_float_scaled_fast<R>(p, x, scale, max_pos)
+    return float_scaled_fast_applies<R>(p, scale) ? quantize_float_scaled_fast<R>(p, x, scale, r)
                                                   : quantize_float_scaled<R>(p, x, scale, max_pos, r);
   }
   return quantize_value<R>(x, step_exponent<K>(p, x, block_e_q), max_pos, max_neg, p.overflow_inf, r);

@@ -305,6 +305,15 @@ LOWP_HD int scaled_step_exponent(const FormatParams& p, uint32_t a, int E) {
 // The float32 arithmetic of the scales themselves is single IEEE operations (no fused or
 // reassociated ones): the same float32 bits as torchao's PyTorch code computes them.
 
+// a + b and a - b, rounded to nearest even; never fused or reassociated.
+LOWP_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 LOWP_HD float div_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdiv_rn(a, b);
@@ -374,12 +383,16 @@ constexpr float kE4m3Tiny = 0.001953125f;    // 2^-9
 constexpr float kFloat32Tiny = 1.40129846e-45f;  // 2^-149
 
 // A non-negative float32 v (Inf included) rounded to nearest E4M3, ties to even, saturating
-// at 448 (as PyTorch's cast to float8_e4m3fn of a value already clamped to 448).
+// at 448 (as PyTorch's cast to float8_e4m3fn of a value already clamped to 448). Without
+// branches, so that a loop over many blocks' scales vectorises: from E4M3's smallest normal
+// 2^-6 up, float32 with its 20 low bits rounded off (ties to even; 448 is on the grid, so
+// nothing rounds past it); below, the constant step 2^-9, as the last place of 2^14 + v.
 LOWP_HD float round_e4m3(float v) {
-  const uint32_t a = bits_of(v < kE4m3Max ? v : kE4m3Max);
-  if (a == 0u) return 0.0f;
-  const int e_q = max_int(exponent_of(a), -6) - 3;  // 3 mantissa bits; subnormals below 2^-6
-  return float_of(round_to_step<Rounding::Nearest>(a, e_q, 0u, 0u));  // <= 448: 448 is on the grid
+  const float c = v < kE4m3Max ? v : kE4m3Max;
+  const uint32_t a = bits_of(c);
+  const uint32_t normal = (a + 0x7ffffu + ((a >> 20) & 1u)) & ~0xfffffu;
+  const float subnormal = add_rn(add_rn(c, 16384.0f), -16384.0f);
+  return a < (121u << 23) ? subnormal : float_of(normal);  // 121: 2^-6's biased exponent
 }
 
 // The float scale of a block whose largest finite magnitude has bits max_bits (and, for
@@ -391,27 +404,22 @@ LOWP_HD float round_e4m3(float v) {
 //             get_hp_scales: the block's scale is the float32 product of the two)
 // s = 0 (an all-zero block, or a scale that underflows) makes every finite element +-0.
 // *inf_mag is what +-Inf saturates to: element_max * s, or where s = 0 element_max times the
-// smallest positive scale (2^-149; 2^-9; t * 2^-9), as float32.
+// smallest positive scale (2^-149; 2^-9; t * 2^-9), as float32. (Selects, not branches: see
+// round_e4m3. The tensor's terms do not depend on the block, and the compiler hoists them.)
 LOWP_HD void float_block_scale(const FormatParams& p, uint32_t max_bits, uint32_t tensor_bits, float* scale,
                                float* inf_mag) {
   const float amax = float_of(max_bits);
   const float block = div_rn(amax, p.element_max);
-  float s, tiny;
-  if (p.tensor_scale) {
-    const float t = div_rn(float_of(tensor_bits), static_cast<float>(static_cast<double>(kE4m3Max) * p.element_max));
-    const float scaled = div_rn(max_bits ? block : 1.0f, t);  // t = 0 (no finite nonzero value): Inf
-    const float clamped = scaled < kE4m3MinNormal ? kE4m3MinNormal : scaled > kE4m3Max ? kE4m3Max : scaled;
-    s = mul_rn(t, round_e4m3(clamped));
-    tiny = mul_rn(t, kE4m3Tiny);
-  } else if (p.scale == ScaleKind::Fp8E4m3) {
-    s = round_e4m3(block);
-    tiny = kE4m3Tiny;
-  } else {
-    s = block;
-    tiny = kFloat32Tiny;
-  }
-  *scale = max_bits ? s : 0.0f;
-  *inf_mag = static_cast<float>(static_cast<double>(p.element_max) * (*scale > 0.0f ? *scale : tiny));
+  const float t = div_rn(float_of(tensor_bits), static_cast<float>(static_cast<double>(kE4m3Max) * p.element_max));
+  const float scaled = div_rn(max_bits ? block : 1.0f, t);  // t = 0 (no finite nonzero value): Inf
+  const float clamped = scaled < kE4m3MinNormal ? kE4m3MinNormal : scaled > kE4m3Max ? kE4m3Max : scaled;
+  const float s = p.tensor_scale ? mul_rn(t, round_e4m3(clamped))
+                  : p.scale == ScaleKind::Fp8E4m3 ? round_e4m3(block)
+                                                  : block;
+  const float tiny = p.tensor_scale ? mul_rn(t, kE4m3Tiny) : p.scale == ScaleKind::Fp8E4m3 ? kE4m3Tiny : kFloat32Tiny;
+  const float result = max_bits ? s : 0.0f;
+  *scale = result;
+  *inf_mag = static_cast<float>(static_cast<double>(p.element_max) * (result > 0.0f ? result : tiny));
 }
 
 // One element of a block with float scale s >= 0 (inf_mag: what +-Inf becomes): the element
@@ -518,15 +526,6 @@ LOWP_HD Step make_step(int e_q) {
   return s;
 }
 
-// a + b and a - b, rounded to nearest even; never fused or reassociated.
-LOWP_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 // |x| (as a float, below magic) rounded to the nearest multiple of the step, ties to even.
 // In a + magic the last place is the step, so the addition rounds a to a multiple of it in
 // one correctly rounded operation (ties to even, as magic / step is even), and taking magic
@@ -594,12 +593,63 @@ LOWP_HD float fma_float(float a, float b, float c) {
 }
 
 // Whether quantize_float_scaled_fast gives quantize_float_scaled's result in a block with
-// scale s: modes other than stochastic, scales within 2^-60..2^60 and element steps of at
-// least 2^-30 (so the remainder below is exact wherever its sign matters).
+// scale s: scales within 2^-60..2^60 and element steps of at least 2^-30 (so the remainder
+// below is exact wherever its sign matters). Stochastic rounding uses the remainder's value
+// and more bits: scales from 2^-40 (the remainder is then exact wherever it is used), element
+// steps up to 2^30 and at most 2^14 steps per binade (14 mantissa bits; fixed point: 2^14
+// steps below the largest element's binade), so that floor(E) below is exact in float32.
 template <Rounding R>
 LOWP_HD bool float_scaled_fast_applies(const FormatParams& p, float s) {
-  const int element_step = p.element == Kind::Fixed ? p.e_q : (p.subnormals ? p.emin - p.man : p.emin);
-  return R != Rounding::Stochastic && s >= 0x1p-60f && s <= 0x1p60f && element_step >= -30;
+  const bool fixed = p.element == Kind::Fixed;
+  const int smallest_step = fixed ? p.e_q : (p.subnormals ? p.emin - p.man : p.emin);
+  if (R != Rounding::Stochastic) return s >= 0x1p-60f && s <= 0x1p60f && smallest_step >= -30;
+  const int largest_step = fixed ? p.e_q : p.element_emax - p.man;
+  return s >= 0x1p-40f && s <= 0x1p60f && smallest_step >= -30 && largest_step <= 30 &&
+         p.element_emax - largest_step <= 14;
+}
+
+// The stochastic rounding of quantize_float_scaled in float32 operations, where
+// float_scaled_fast_applies: the exact quotient Q = |x| / s is y + rest / s, with y =
+// float32(|x| / s) and rest = |x| - y * s exact (one fused multiply-add). With lo = k * step
+// the grid value at or below Q, the threshold floor(2^32 (Q - lo) / step) is
+//   D + floor(E),  D = 2^32 (y - lo) / step,  E = 2^32 (rest / s) / step,  |E| <= ulp(y) 2^31 / step,
+// where D is an integer (y's last bit is at least 2^-32 steps: wherever y >= step 2^-9); below
+// that, y's bits past 2^-32 steps are the floor and |E| is under half of their last place,
+// so the threshold is floor(D) + (floor(E) where D is an integer, else 0). floor(E) is
+// float32(E) rounded down, less one where that lies above E: the sign of c * s - 2^32 rest /
+// step, exact by one fused multiply-add, tells. A negative threshold (y on the grid, Q just
+// below) means lo is one step lower, and the threshold 2^32 more: what uint32 wrap-around
+// gives. The step is the one around y, which is Q's: y = 2^j would need Q in [2^j - 2^(j-25),
+// 2^j), but |x| = Q * s is a float32, and the float32 below 2^j * s lies 2^-24 of it further.
+LOWP_HD float quantize_float_scaled_stochastic(const FormatParams& p, float x, float s, uint32_t rbits) {
+  const uint32_t u = bits_of(x);
+  const uint32_t sign = u & kSignBit;
+  const uint32_t a_bits = u ^ sign;
+  const float a = float_of(a_bits);
+  const float y = div_rn(a, s);
+  const float rest = fma_float(-y, s, a);
+  const float top = p.element_max;
+  const bool saturate = !(y < top || (y == top && rest < 0.0f));  // Q >= top, Inf and NaN included
+  const float yc = saturate ? 0.0f : y, rc = saturate ? 0.0f : rest;  // finite stand-ins
+  const int eb = static_cast<int>(bits_of(yc) >> 23) - 127;  // Q's binade too (see above)
+  const int fixed_mask = p.element == Kind::Fixed ? -1 : 0;  // (see quantize_float_scaled_fast)
+  const int float_step = eb < p.emin ? (p.subnormals ? p.emin - p.man : p.emin) : eb - p.man;
+  const int e_step = (p.e_q & fixed_mask) | (float_step & ~fixed_mask);
+  const float steps = mul_rn(yc, pow2_normal(-e_step));  // y / step, exact, below 2^15
+  const int32_t k = static_cast<int32_t>(steps);
+  const float fraction = mul_rn(add_rn(steps, -static_cast<float>(k)), 4294967296.0f);  // exact, below 2^32
+  const uint32_t d = static_cast<uint32_t>(fraction);                                   // floor(D)
+  const float big_rest = mul_rn(mul_rn(rc, 4294967296.0f), pow2_normal(-e_step));      // 2^32 rest / step, exact
+  const float e = div_rn(big_rest, s);  // |E| < 2^23
+  int32_t c = static_cast<int32_t>(e);  // toward zero, then down
+  c -= static_cast<float>(c) > e ? 1 : 0;
+  c -= fma_float(static_cast<float>(c), s, -big_rest) > 0.0f ? 1 : 0;
+  const uint32_t threshold = d + (static_cast<float>(d) == fraction ? static_cast<uint32_t>(c) : 0u);
+  const int32_t below = d == 0u && static_cast<float>(d) == fraction && c < 0 ? 1 : 0;  // lo one step lower
+  const int32_t q_steps = k - below + (rbits < threshold ? 1 : 0);
+  const float q = saturate ? top : mul_rn(static_cast<float>(q_steps), pow2_normal(e_step));
+  const uint32_t mag = bits_of(mul_rn(q, s));
+  return a_bits > kInfBits ? x : float_of(sign | mag);  // NaN stays NaN
 }
 
 // quantize_float_scaled's result in float32 operations, where float_scaled_fast_applies:
@@ -608,15 +658,19 @@ LOWP_HD bool float_scaled_fast_applies(const FormatParams& p, float s) {
 // quotient lies. That sign is all that rounding y to the element's grid, much coarser than
 // y's last bit, can miss: where y lands on a midpoint or on the grid itself (round_to_step's
 // sticky). Then q * s in one float32 multiplication: exact, rounded once.
+// The specials need no case of their own but NaN's: +-0 gives y = 0, so +-0; +-Inf gives
+// y = Inf, which saturates to element_max * s, what Inf becomes (float_block_scale's inf_mag,
+// as s > 0 here).
+// (Stochastic rounding: quantize_float_scaled_stochastic.)
 template <Rounding R>
-LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s, float inf_mag) {
+LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s, uint32_t rbits) {
+  if (R == Rounding::Stochastic) return quantize_float_scaled_stochastic(p, x, s, rbits);
   const uint32_t u = bits_of(x);
   const uint32_t sign = u & kSignBit;
   const uint32_t a_bits = u ^ sign;
-  const bool live = a_bits - 1u < kInfBits - 1u && s > 0.0f;  // finite, nonzero, with a positive scale
-  const float a = float_of(live ? a_bits : 0x3f800000u), sd = live ? s : 1.0f;
-  const float y = div_rn(a, sd);
-  const float rest = fma_float(-y, sd, a);  // NaN where y overflowed: then y > top below
+  const float a = float_of(a_bits);
+  const float y = div_rn(a, s);
+  const float rest = fma_float(-y, s, a);  // NaN where y is Inf: then y > top below
   const uint32_t above = rest > 0.0f, below = rest < 0.0f;
   const uint32_t y_bits = bits_of(y);
   const uint32_t top = bits_of(p.element_max);
@@ -640,10 +694,8 @@ LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s
     // the exact quotient at or past the largest element: every mode saturates there
     saturate = y_bits > top || (y_bits == top && !below) || q > top;
   }
-  const uint32_t live_mask = 0u - static_cast<uint32_t>(live);
-  const uint32_t mag = bits_of(mul_rn(float_of(saturate ? top : q), sd)) & live_mask;
-  const uint32_t special = a_bits > kInfBits ? u : sign | bits_of(inf_mag);  // NaN; +-Inf saturates
-  return float_of(a_bits >= kInfBits ? special : sign | mag);  // (a zero scale: +-0)
+  const uint32_t mag = bits_of(mul_rn(float_of(saturate ? top : q), s));
+  return a_bits > kInfBits ? x : float_of(sign | mag);  // NaN stays NaN
 }
 
 // apply_range for the two modes above, which round away from zero when they round up: a

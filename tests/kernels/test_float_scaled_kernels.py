@@ -227,6 +227,27 @@ def test_fp8_presets_give_e4m3_multiples_of_the_fp32_scale(preset):
     assert bits_equal(q, f32(expected * s.to(F64)))
 
 
+def test_e4m3_block_scales_are_torchs_cast_of_amax_over_max():
+    # Every E4M3 value, the midpoints between them and a float32 ulp either side, E4M3's
+    # subnormals, values that round to zero and past 448: blocks [amax * 6, +Inf] of FP4 with
+    # an E4M3 scale, where +Inf saturates to 6 * s (exact), which reads the scale out.
+    grid = e4m3_grid()
+    mids = (grid[1:] + grid[:-1]) / 2
+    v = f32(torch.cat([grid, mids, torch.tensor([470.0, 1e4, 2.0**-11, 2.0**-10])]))
+    bits = v.view(torch.int32)
+    v = torch.cat([v, (bits + 1).view(torch.float32), (bits - 1).view(torch.float32)])
+    v = v[v > 0]
+    amax = f32(v.to(F64) * 6)
+    blocks = torch.stack([amax, torch.full_like(amax, math.inf)], dim=1)
+    out = lp.quantize(blocks, lp.ScaledFormat("fp4_e2m1", 2, scale="fp8_e4m3"))
+    s = torch.clamp(amax / 6.0, max=448.0).to(torch.float8_e4m3fn).to(torch.float32)  # torch's cast
+    tiny = 2.0**-9  # a scale that rounds to zero saturates Inf at 6 times E4M3's smallest value
+    expected = torch.where(s > 0, 6.0 * s, torch.full_like(s, 6.0 * tiny))
+    assert int((s == 0).sum()) > 0  # scales that round to zero
+    assert int(((s > 0) & (s < 2.0**-6)).sum()) > 0  # E4M3's subnormals
+    assert bits_equal(out[:, 1], expected)
+
+
 # ---- zero blocks, NaN, Inf ---------------------------------------------------------------
 
 
