@@ -650,10 +650,11 @@ void quantize_column_blocks(const scalar_t* in, scalar_t* out, const BlockLayout
         }
       }
       if (K == Kind::Scaled && p.scale != ScaleKind::E8m0) {  // float scales, across the columns
+        // (inverse[] takes what +-Inf becomes, element_max * s, which the shortcuts give anyway;
+        // two loops, each of which vectorises)
+        for (int64_t w = 0; w < width; ++w) float_block_scale(p, maxima[w], tensor_max, &scale[w], &inverse[w]);
         uint32_t all_fast = 1;  // (an integer: a bool reduction stops the vectoriser)
         for (int64_t w = 0; w < width; ++w) {
-          float inf_mag;  // (+-Inf: element_max * s, what the shortcuts give)
-          float_block_scale(p, maxima[w], tensor_max, &scale[w], &inf_mag);
           all_fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[w]));
         }
         if (all_fast) {

@@ -363,6 +363,15 @@ LOWP_HD double floor_double(double d) {
 #endif
 }
 
+// floor(f) for a float f.
+LOWP_HD float floor_float(float f) {
+#if defined(__CUDA_ARCH__)
+  return floorf(f);
+#else
+  return __builtin_floorf(f);
+#endif
+}
+
 // a * b + c with one rounding.
 LOWP_HD double fma_double(double a, double b, double c) {
 #if defined(__CUDA_ARCH__)
@@ -540,16 +549,13 @@ LOWP_HD float round_nearest_step(float a, const Step& s) {
 
 // |x| (below magic) rounded down to the step, then up by one step if
 // rbits < floor(2^32 * frac), where frac = (|x| - down) / step: the rule of round_to_step,
-// with exact float arithmetic. (2^32 frac is below 2^32; it is made an unsigned integer in
-// two halves, as CPUs convert only to signed ones.)
+// with exact float arithmetic.
 LOWP_HD float round_stochastic_below_magic(float a, const Step& s, uint32_t rbits) {
   const float nearest = round_nearest_below_magic(a, s);
   const float down = nearest > a ? add_rn(nearest, -s.size) : nearest;
   float scaled = (add_rn(a, -down) * s.scale_a) * s.scale_b;
   scaled = scaled < 4294967296.0f ? scaled : 0.0f;  // (NaN or beyond: inputs set aside by the caller)
-  const float high = scaled >= 2147483648.0f ? 2147483648.0f : 0.0f;
-  const uint32_t threshold = static_cast<uint32_t>(static_cast<int32_t>(add_rn(scaled, -high))) +
-                             (high != 0.0f ? kSignBit : 0u);
+  const uint32_t threshold = static_cast<uint32_t>(scaled);  // (one instruction with AVX-512)
   return rbits < threshold ? add_rn(down, s.size) : down;
 }
 
@@ -641,11 +647,11 @@ LOWP_HD float quantize_float_scaled_stochastic(const FormatParams& p, float x, f
   const uint32_t d = static_cast<uint32_t>(fraction);                                   // floor(D)
   const float big_rest = mul_rn(mul_rn(rc, 4294967296.0f), pow2_normal(-e_step));      // 2^32 rest / step, exact
   const float e = div_rn(big_rest, s);  // |E| < 2^23
-  int32_t c = static_cast<int32_t>(e);  // toward zero, then down
-  c -= static_cast<float>(c) > e ? 1 : 0;
-  c -= fma_float(static_cast<float>(c), s, -big_rest) > 0.0f ? 1 : 0;
-  const uint32_t threshold = d + (static_cast<float>(d) == fraction ? static_cast<uint32_t>(c) : 0u);
-  const int32_t below = d == 0u && static_cast<float>(d) == fraction && c < 0 ? 1 : 0;  // lo one step lower
+  float floor_e = floor_float(e);
+  floor_e = add_rn(floor_e, fma_float(floor_e, s, -big_rest) > 0.0f ? -1.0f : 0.0f);  // (exact: below 2^23)
+  const bool integer = static_cast<float>(d) == fraction;
+  const uint32_t threshold = d + (integer ? static_cast<uint32_t>(static_cast<int32_t>(floor_e)) : 0u);
+  const int32_t below = d == 0u && integer && floor_e < 0.0f ? 1 : 0;  // lo one step lower
   const int32_t q_steps = k - below + (rbits < threshold ? 1 : 0);
   const float q = saturate ? top : mul_rn(static_cast<float>(q_steps), pow2_normal(e_step));
   const uint32_t mag = bits_of(mul_rn(q, s));
