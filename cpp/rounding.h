@@ -899,8 +899,7 @@ LOWP_HD float add_rounded(float acc, float p, const FormatParams& f, uint32_t rb
 // midpoint or a grid point that decides.) `small`: make_step(float_small_step_exponent(f)).
 LOWP_HD float add_rounded_nearest_fast(float acc, float p, const FormatParams& f, const Step& small) {
   const ExactSum t = exact_sum(acc, p);
-  const uint32_t u = t.u, negative = t.negative, a = t.a, e_bits = t.e_bits;
-  const uint32_t nonzero_e = t.nonzero_e, below = t.below, above = t.above;
+  const uint32_t u = t.u, a = t.a, nonzero_e = t.nonzero_e, above = t.above;
   const bool operands_finite = t.operands_finite;
   // from f's smallest normal up: clear `cut` bits after adding half a unit (minus one, plus
   // the last kept bit); on a midpoint with e != 0, e's side

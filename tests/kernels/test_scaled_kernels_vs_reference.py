@@ -135,3 +135,20 @@ def test_float_scales_near_every_grid_point_and_midpoint(element, rounding):
         rows = torch.nn.functional.pad(near, (0, -near.numel() % 63)).reshape(-1, 63)
         blocks.append(torch.cat([torch.full((rows.shape[0], 1), amax), rows], dim=1).flatten())  # amax first
     check(torch.cat(blocks), fmt, rounding)
+
+
+@pytest.mark.parametrize("rounding", ROUNDING_MODES)
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp4", "mxint8"])
+def test_tiny_elements_under_large_and_small_scales_match_the_reference(name, rounding):
+    """Elements so small that x / 2^E underflows float32 where the block's scale is large (the
+    kernels then stand in a tiny normal for the zero quotient, which directed modes round up),
+    and the same elements under scales of at most 1 (where no quotient can underflow and the
+    kernels skip that step); blocks along the last dim and along dim 0."""
+    fmt = PRESETS[name]
+    g = torch.Generator().manual_seed(ROUNDING_MODES.index(rounding))
+    tiny = torch.randn(64, 32, generator=g) * torch.exp2(torch.randint(-149, -100, (64, 32), generator=g).float())
+    for amax in (2.0**30, 2.0**-3):  # scale exponents above 0, then at most 0
+        x = tiny.clone()
+        x[:, 0] = torch.where(torch.arange(64) % 2 == 0, amax, -amax)
+        check(x, fmt, rounding)
+        check(x.t().contiguous(), dataclasses.replace(fmt, dim=0), rounding)
