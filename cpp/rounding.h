@@ -7,6 +7,7 @@
 // format's range (saturate, or overflow to Inf the way IEEE 754 does for the mode).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -354,30 +355,23 @@ LOWP_HD double double_of(uint64_t u) {
 #endif
 }
 
-// floor(d) for a double d >= 0.
-LOWP_HD double floor_double(double d) {
+// floor(v), and a * b + c with one rounding, for a float or a double v (the host's and the
+// device's own overloads).
+template <typename T>
+LOWP_HD T floor_of(T v) {
 #if defined(__CUDA_ARCH__)
-  return floor(d);
+  return floor(v);
 #else
-  return __builtin_floor(d);
+  return std::floor(v);
 #endif
 }
 
-// floor(f) for a float f.
-LOWP_HD float floor_float(float f) {
-#if defined(__CUDA_ARCH__)
-  return floorf(f);
-#else
-  return __builtin_floorf(f);
-#endif
-}
-
-// a * b + c with one rounding.
-LOWP_HD double fma_double(double a, double b, double c) {
+template <typename T>
+LOWP_HD T fma_of(T a, T b, T c) {
 #if defined(__CUDA_ARCH__)
   return fma(a, b, c);
 #else
-  return __builtin_fma(a, b, c);
+  return std::fma(a, b, c);
 #endif
 }
 
@@ -468,7 +462,7 @@ LOWP_HD float quantize_float_scaled(const FormatParams& p, float x, float s, flo
   const double step = pow2_double(e_step);
   // k = floor(t / step), or one below where t rounded up onto a multiple of the step. Below
   // element_max, k < 2^25; past it, q is set to element_max below.
-  double k = floor_double(t * pow2_double(-e_step));
+  double k = floor_of(t * pow2_double(-e_step));
   k -= k * step * sd > a ? 1.0 : 0.0;
   const double lo = k * step;  // exact: few bits
   const double lo_s = lo * sd;  // exact: at most 25 + 24 bits (below element_max)
@@ -476,7 +470,7 @@ LOWP_HD float quantize_float_scaled(const FormatParams& p, float x, float s, flo
   bool up = false;
   if (R == Rounding::Nearest || R == Rounding::NearestAway) {
     const double mid_s = (lo + 0.5 * step) * sd;  // exact: at most 26 + 24 bits
-    const bool odd = k - 2.0 * floor_double(0.5 * k) != 0.0;
+    const bool odd = k - 2.0 * floor_of(0.5 * k) != 0.0;
     up = R == Rounding::Nearest ? (a > mid_s || (a == mid_s && odd)) : a >= mid_s;
   }
   if (R == Rounding::Down) up = negative && a > lo_s;
@@ -490,8 +484,8 @@ LOWP_HD float quantize_float_scaled(const FormatParams& p, float x, float s, flo
     const double big_s = static_cast<double>((bits_of(s) & 0x7fffffu) | (biased ? 0x800000u : 0u));  // s = S * 2^b
     const int64_t b = static_cast<int64_t>(max_int(static_cast<int>(biased), 1)) - 150;
     const double scaled = (a - lo_s) * pow2_double(32 - e_step - b);  // exact, below S * 2^32 <= 2^56
-    double c = floor_double(scaled / big_s);
-    c -= fma_double(c, big_s, -scaled) > 0.0 ? 1.0 : 0.0;
+    double c = floor_of(scaled / big_s);
+    c -= fma_of(c, big_s, -scaled) > 0.0 ? 1.0 : 0.0;
     up = static_cast<double>(rbits) < c;
   }
   // |x| / s >= element_max (on the grid): every mode saturates there; below, lo + step <= max.
@@ -589,15 +583,6 @@ LOWP_HD uint32_t float_round(const FormatParams& p, uint32_t a, const Step& smal
   return a < static_cast<uint32_t>(p.emin + 127) << 23 ? bits_of(below) : normal;
 }
 
-// a * b + c with one rounding, in float32.
-LOWP_HD float fma_float(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return __builtin_fmaf(a, b, c);
-#endif
-}
-
 // Whether quantize_float_scaled_fast gives quantize_float_scaled's result in a block with
 // scale s: scales within 2^-60..2^60 and element steps of at least 2^-30 (so the remainder
 // below is exact wherever its sign matters). Stochastic rounding uses the remainder's value
@@ -633,7 +618,7 @@ LOWP_HD float quantize_float_scaled_stochastic(const FormatParams& p, float x, f
   const uint32_t a_bits = u ^ sign;
   const float a = float_of(a_bits);
   const float y = div_rn(a, s);
-  const float rest = fma_float(-y, s, a);
+  const float rest = fma_of(-y, s, a);
   const float top = p.element_max;
   const bool saturate = !(y < top || (y == top && rest < 0.0f));  // Q >= top, Inf and NaN included
   const float yc = saturate ? 0.0f : y, rc = saturate ? 0.0f : rest;  // finite stand-ins
@@ -647,8 +632,8 @@ LOWP_HD float quantize_float_scaled_stochastic(const FormatParams& p, float x, f
   const uint32_t d = static_cast<uint32_t>(fraction);                                   // floor(D)
   const float big_rest = mul_rn(mul_rn(rc, 4294967296.0f), pow2_normal(-e_step));      // 2^32 rest / step, exact
   const float e = div_rn(big_rest, s);  // |E| < 2^23
-  float floor_e = floor_float(e);
-  floor_e = add_rn(floor_e, fma_float(floor_e, s, -big_rest) > 0.0f ? -1.0f : 0.0f);  // (exact: below 2^23)
+  float floor_e = floor_of(e);
+  floor_e = add_rn(floor_e, fma_of(floor_e, s, -big_rest) > 0.0f ? -1.0f : 0.0f);  // (exact: below 2^23)
   const bool integer = static_cast<float>(d) == fraction;
   const uint32_t threshold = d + (integer ? static_cast<uint32_t>(static_cast<int32_t>(floor_e)) : 0u);
   const int32_t below = d == 0u && integer && floor_e < 0.0f ? 1 : 0;  // lo one step lower
@@ -676,7 +661,7 @@ LOWP_HD float quantize_float_scaled_fast(const FormatParams& p, float x, float s
   const uint32_t a_bits = u ^ sign;
   const float a = float_of(a_bits);
   const float y = div_rn(a, s);
-  const float rest = fma_float(-y, s, a);  // NaN where y is Inf: then y > top below
+  const float rest = fma_of(-y, s, a);  // NaN where y is Inf: then y > top below
   const uint32_t above = rest > 0.0f, below = rest < 0.0f;
   const uint32_t y_bits = bits_of(y);
   const uint32_t top = bits_of(p.element_max);
