@@ -15,6 +15,9 @@
 #include <vector>
 
 #include "quantize.h"
+#if LOWP_CPU_AVX512  // the AVX-512 build (quantize_cpu_avx512.cpp)
+#include "block_maxima_avx512.h"
+#endif
 
 namespace lowp {
 namespace LOWP_CPU_ISA {
@@ -331,6 +334,35 @@ LOWP_HD float quantize_normalized(const FormatParams& p, float x, float scale, f
   return quantize_element<KE, R, Fast>(p, y, p.e_q, step, range, rbits) * scale;
 }
 
+// The largest finite magnitude (bits) of each of `count` consecutive blocks of `len` elements
+// at `in`, into maxima[]. Len: the block length where it is fixed at compile time, else 0.
+template <int64_t Len, typename scalar_t>
+void consecutive_block_maxima(const scalar_t* __restrict__ in, int64_t len, int64_t count,
+                              uint32_t* __restrict__ maxima) {
+  const auto block_max = [&](int64_t i) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < (Len ? Len : len); ++j) {
+      const uint32_t a = finite_magnitude_bits(static_cast<float>(in[i * len + j]));
+      m = a > m ? a : m;
+    }
+    return m;
+  };
+  int64_t i = 0;
+#if LOWP_CPU_AVX512
+  if constexpr (std::is_same_v<scalar_t, float> && (Len == 16 || Len == 32)) {
+    for (; i + 16 <= count; i += 16) {
+      // (blocks holding Inf or NaN, rare, again without them)
+      for (uint32_t special = avx512::magnitude_maxima16<Len>(in + i * Len, maxima + i); special;
+           special &= special - 1) {
+        const int b = __builtin_ctz(special);
+        maxima[i + b] = block_max(i + b);
+      }
+    }
+  }
+#endif
+  for (; i < count; ++i) maxima[i] = block_max(i);
+}
+
 // Blocks [first, last) of a block_size layout whose blocks are short (a task holds many):
 // each block's maximum, then its rounding, while it is in cache, in one loop over the blocks
 // that keeps the format's constants in registers (a 32-element block is otherwise mostly
@@ -384,14 +416,7 @@ void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __r
     }
     const scalar_t* batch_in = in + batch_begin;
     scalar_t* batch_out = out + batch_begin;
-    for (int64_t i = 0; i < count; ++i) {
-      uint32_t m = 0;
-      for (int64_t j = 0; j < len; ++j) {
-        const uint32_t a = finite_magnitude_bits(static_cast<float>(batch_in[i * len + j]));
-        m = a > m ? a : m;
-      }
-      maxima[i] = m;
-    }
+    consecutive_block_maxima<Len>(batch_in, len, count, maxima);
     for (int64_t i = 0; i < count; ++i) float_block_scale(p, maxima[i], tensor_max, &scale[i], &inf_mag[i]);
     uint32_t fast = 1;  // (an integer: a bool reduction stops the vectoriser)
     for (int64_t i = 0; i < count; ++i) fast &= static_cast<uint32_t>(float_scaled_fast_applies<R>(p, scale[i]));
@@ -402,11 +427,12 @@ void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __r
     }
     const uint32_t counter_low = static_cast<uint32_t>(batch_begin);
     const uint32_t counter_high = static_cast<uint32_t>(static_cast<uint64_t>(batch_begin) >> 32);
-    const auto bits = [&](int64_t j) {
-      return R == Rounding::Stochastic ? random_bits(key, counter_low + static_cast<uint32_t>(j), counter_high) : 0u;
+    const auto bits = [&](uint32_t j) {
+      return R == Rounding::Stochastic ? random_bits(key, counter_low + j, counter_high) : 0u;
     };
     if (fast) {
-      for (int64_t j = 0; j < n; ++j) {
+      // (a 32-bit index: the counters are 32-bit, and a 64-bit one costs two more instructions)
+      for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) {
         batch_out[j] = static_cast<scalar_t>(
             quantize_float_scaled_fast<R>(p, static_cast<float>(batch_in[j]), element_scale[j], bits(j)));
       }
@@ -414,7 +440,7 @@ void quantize_float_scaled_blocks(const scalar_t* __restrict__ in, scalar_t* __r
       for (int64_t i = 0; i < count; ++i) {
         for (int64_t j = 0; j < len; ++j) element_inf[i * len + j] = inf_mag[i];
       }
-      for (int64_t j = 0; j < n; ++j) {
+      for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) {
         batch_out[j] = static_cast<scalar_t>(
             quantize_float_scaled<R>(p, static_cast<float>(batch_in[j]), element_scale[j], element_inf[j], bits(j)));
       }
@@ -462,16 +488,18 @@ void quantize_normalized_blocks(const scalar_t* __restrict__ in, scalar_t* __res
     for (int64_t j = batch_begin + kBatch; j < std::min(batch_end + kBatch, numel); j += 64 / sizeof(scalar_t)) {
       __builtin_prefetch(out + j, 1);
     }
-    for (int64_t i = 0; i < count; ++i) {
-      // (Len: whole blocks; else the last block of a row may be short)
-      const int64_t n = Len ? Len : starts[i + 1] - starts[i];
-      const scalar_t* block_in = batch_in + starts[i];
-      uint32_t m = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t a = finite_magnitude_bits(static_cast<float>(block_in[j]));
-        m = a > m ? a : m;
+    if (Len) {  // whole blocks, one after the other
+      consecutive_block_maxima<Len>(batch_in, Len, count, maxima);
+    } else {  // the last block of a row may be short
+      for (int64_t i = 0; i < count; ++i) {
+        const scalar_t* block_in = batch_in + starts[i];
+        uint32_t m = 0;
+        for (int64_t j = 0; j < starts[i + 1] - starts[i]; ++j) {
+          const uint32_t a = finite_magnitude_bits(static_cast<float>(block_in[j]));
+          m = a > m ? a : m;
+        }
+        maxima[i] = m;
       }
-      maxima[i] = m;
     }
     int e_high;
     if (!normalized_exponents(p, maxima, count, exponents, &e_high) || next_counter_wrap(batch_begin, 0) < batch_end) {

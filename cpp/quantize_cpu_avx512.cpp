@@ -13,7 +13,9 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+// (GCC's C++ front end does not define __AVX512F__ under a target pragma: hence a macro of ours.)
 #define LOWP_CPU_ISA avx512
+#define LOWP_CPU_AVX512 1
 #include "cpu_kernels.h"
 #pragma GCC pop_options
 #endif

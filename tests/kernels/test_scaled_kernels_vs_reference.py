@@ -3,6 +3,7 @@ on adversarial blocks, for every scaled preset and every rounding mode; blocks a
 dim, along dim 0 (the column-block path of the CPU kernels), tiles with partial edges."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -152,3 +153,42 @@ def test_tiny_elements_under_large_and_small_scales_match_the_reference(name, ro
         x[:, 0] = torch.where(torch.arange(64) % 2 == 0, amax, -amax)
         check(x, fmt, rounding)
         check(x.t().contiguous(), dataclasses.replace(fmt, dim=0), rounding)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "up"])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        PRESETS["nvfp4"],
+        PRESETS["mxfp8_e4m3"],
+        PRESETS["mxint8"],
+        ScaledFormat("fp4_e2m1", 16, scale="fp8_e4m3"),
+        ScaledFormat("fp6_e2m3", 16, scale_rounding="rceil"),
+        ScaledFormat("fp8_e5m2", 32, scale="fp32"),
+    ],
+    ids=str,
+)
+def test_maxima_of_many_short_blocks_skip_inf_and_nan(fmt, rounding):
+    """Blocks of 16 and 32 along the last dim take their maxima sixteen blocks at a time (on
+    AVX-512, one vector of sixteen maxima); a block holding Inf or NaN has its maximum taken
+    again without them. Blocks of many magnitudes, some with Inf, -Inf or NaN at their
+    largest element, some only Inf/NaN, in groups of sixteen and in the remainder."""
+    g = torch.Generator().manual_seed(fmt.block)
+    rows, blocks_per_row = 6, 37  # 222 blocks: whole groups of 16 and a remainder in every batch
+    x = torch.randn(rows * blocks_per_row, fmt.block, generator=g)
+    spread = 6 if fmt.tensor_scale else 40  # (NVFP4's scales span 2^17 below the tensor's)
+    x *= torch.exp2(torch.randint(-spread, spread + 1, (rows * blocks_per_row, 1), generator=g).float())
+    picked = torch.randperm(rows * blocks_per_row, generator=g)[:40]
+    largest = x.abs().argmax(dim=1)
+    for n, b in enumerate(picked.tolist()):
+        special = (math.inf, -math.inf, math.nan)[n % 3]
+        if n % 5 == 4:  # nothing finite in the block
+            x[b] = special
+        else:  # in place of the block's largest magnitude, and somewhere else
+            x[b, largest[b]] = special
+            x[b, (largest[b] + 3) % fmt.block] = special
+    x = x.reshape(rows, blocks_per_row * fmt.block)
+    check(x, fmt, rounding)
+    # a meaningful check: most values are finite and nonzero, and the scales follow the finite maxima
+    q = lp.quantize(x, fmt, rounding)
+    assert (q.isfinite() & (q != 0)).float().mean() > 0.5
