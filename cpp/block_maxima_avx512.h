@@ -1,9 +1,10 @@
-// The block maxima of the AVX-512 build of cpu_kernels.h, for the short blocks of the scaled
-// formats (MX's 32, NVFP4's 16): sixteen blocks' maxima in one vector, by a transposed
-// reduction. Reducing each block's vector on its own costs ~8 shuffles and maxima a block,
-// and a batch of blocks then spends a fifth of its time there (measured: NVFP4 and MX in
-// nearest mode); reducing sixteen vectors into one costs ~3 a block. Written with
-// intrinsics because the compiler does not find this reduction.
+// The block maxima of the AVX-512 build of cpu_kernels.h, for short blocks along the last
+// dim (NVFP4's 16): sixteen blocks' maxima in one vector, by a transposed reduction. Reducing
+// each block's vector on its own costs ~8 shuffles and maxima a block, and a batch of NVFP4
+// blocks spent a fifth of its time there; reducing sixteen vectors into one costs ~3 a block.
+// Written with intrinsics because the compiler does not find this reduction. (Blocks of 32
+// work too, and are faster in cache, but streaming a large tensor they measured slower:
+// cpu_kernels.h uses blocks of 16 only.)
 #pragma once
 
 #include <immintrin.h>

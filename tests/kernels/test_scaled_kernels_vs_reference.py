@@ -169,10 +169,11 @@ def test_tiny_elements_under_large_and_small_scales_match_the_reference(name, ro
     ids=str,
 )
 def test_maxima_of_many_short_blocks_skip_inf_and_nan(fmt, rounding):
-    """Blocks of 16 and 32 along the last dim take their maxima sixteen blocks at a time (on
-    AVX-512, one vector of sixteen maxima); a block holding Inf or NaN has its maximum taken
-    again without them. Blocks of many magnitudes, some with Inf, -Inf or NaN at their
-    largest element, some only Inf/NaN, in groups of sixteen and in the remainder."""
+    """On AVX-512, blocks of 16 along the last dim take their maxima sixteen blocks at a time
+    (one vector of sixteen maxima), and a block holding Inf or NaN has its maximum taken again
+    without them; blocks of 32 (MX) take the scalar code's loop. Blocks of many magnitudes,
+    some with Inf, -Inf or NaN at their largest element, some only Inf/NaN, in groups of
+    sixteen and in the remainder."""
     g = torch.Generator().manual_seed(fmt.block)
     rows, blocks_per_row = 6, 37  # 222 blocks: whole groups of 16 and a remainder in every batch
     x = torch.randn(rows * blocks_per_row, fmt.block, generator=g)
