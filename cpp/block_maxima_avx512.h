@@ -2,9 +2,7 @@
 // dim (NVFP4's 16): sixteen blocks' maxima in one vector, by a transposed reduction. Reducing
 // each block's vector on its own costs ~8 shuffles and maxima a block, and a batch of NVFP4
 // blocks spent a fifth of its time there; reducing sixteen vectors into one costs ~3 a block.
-// Written with intrinsics because the compiler does not find this reduction. (Blocks of 32
-// work too, and are faster in cache, but streaming a large tensor they measured slower:
-// cpu_kernels.h uses blocks of 16 only.)
+// Written with intrinsics because the compiler does not find this reduction.
 #pragma once
 
 #include <immintrin.h>
@@ -45,19 +43,13 @@ inline __m512i lane_maxima(const __m512i v[16]) {
   return max_of_halves(h0, h1);
 }
 
-// The largest magnitude's bits of each of the 16 blocks of Len (16 or 32) float32s at `in`,
-// into maxima[0..15]; returns a bit mask of the blocks that hold Inf or NaN, whose entries
-// are then not their largest finite magnitude (the caller recomputes those).
-template <int64_t Len>
+// The largest magnitude's bits of each of the 16 blocks of 16 float32s at `in`, into
+// maxima[0..15]; returns a bit mask of the blocks that hold Inf or NaN, whose entries are
+// then not their largest finite magnitude (the caller recomputes those).
 inline uint32_t magnitude_maxima16(const float* in, uint32_t* maxima) {
-  static_assert(Len == 16 || Len == 32, "blocks of 16 or 32 float32s");
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
   __m512i v[16];
-  for (int i = 0; i < 16; ++i) {
-    __m512i m = _mm512_and_si512(_mm512_loadu_si512(in + i * Len), magnitude);
-    if (Len == 32) m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(in + i * Len + 16), magnitude));
-    v[i] = m;
-  }
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_and_si512(_mm512_loadu_si512(in + i * 16), magnitude);
   const __m512i result = lane_maxima(v);
   _mm512_storeu_si512(maxima, result);
   return _mm512_cmpgt_epu32_mask(result, _mm512_set1_epi32(0x7f7fffff));  // past the largest finite
