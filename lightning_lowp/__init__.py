@@ -32,7 +32,7 @@ from lightning_lowp.matmuls import (
     random_hadamard,
 )
 from lightning_lowp.metrics import QuantizationMetrics
-from lightning_lowp.plugins import LowPrecision, NonFiniteError
+from lightning_lowp.plugins import FSDPLowPrecision, LowPrecision, NonFiniteError
 from lightning_lowp.recipes import Recipe, get_recipe, list_recipes, register_recipe
 from lightning_lowp.vit import ViT
 
@@ -68,6 +68,7 @@ __all__ = [
     "quantized_matmul",
     "quantized_conv",
     "random_hadamard",
+    "FSDPLowPrecision",
     "LowPrecision",
     "NonFiniteError",
     "QuantizationMetrics",

@@ -82,7 +82,7 @@ from lightning_lowp.accumulators import Accumulation, AccumulatorLike, as_accumu
 from lightning_lowp.formats import BlockFloatingPoint, Format, FormatLike, ScaledFormat, as_format, check_rounding
 from lightning_lowp.functional import quantize
 from lightning_lowp.recipes import check_keep_last, get_recipe
-from lightning_lowp.selection import ModuleHookCallback
+from lightning_lowp.selection import ModuleHookCallback, named_layers
 
 __all__ = [
     "MatmulSettings",
@@ -1025,7 +1025,7 @@ class QuantizeMatmuls(ModuleHookCallback[MatmulSettings]):
                 3-D, transposed), naming it.
         """
         selected = super().select(model)
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         for name in selected:
             m = modules[name]
             if isinstance(m, nn.modules.conv._ConvNd) and (not isinstance(m, (nn.Conv1d, nn.Conv2d)) or m.groups != 1):

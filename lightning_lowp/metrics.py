@@ -43,6 +43,7 @@ from lightning_lowp.formats import (
 )
 from lightning_lowp.matmuls import QuantizeMatmuls
 from lightning_lowp.reference import block_range, scaled_block_scales
+from lightning_lowp.selection import named_layers
 
 __all__ = ["QuantizationMetrics", "quantization_error_stats"]
 
@@ -502,7 +503,7 @@ class QuantizationMetrics(pl.Callback):
         self._sums = {}
         self._sampling_step = step
         if qa is not None:
-            modules = dict(pl_module.named_modules())
+            modules = named_layers(pl_module)
             for name, fmt in self._layers().items():
                 if name in modules:
                     self._attach(qa, name, modules[name], fmt)

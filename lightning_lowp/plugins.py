@@ -8,18 +8,28 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_lowp.formats import FormatLike
+from lightning_lowp.formats import FormatLike, as_format
 from lightning_lowp.functional import check_dims, quantize_foreach_
 from lightning_lowp.recipes import Recipe, get_recipe
-from lightning_lowp.sharding import distribute_tensor, is_dtensor
+from lightning_lowp.sharding import (
+    FlatShard,
+    clean_name,
+    distribute_tensor,
+    flat_shards,
+    full_tensor_of_piece,
+    is_dtensor,
+    piece_of_full_tensor,
+    quantize_flat_shards_,
+    rank_counts,
+)
 
-__all__ = ["LowPrecision", "MOMENT_STATES", "NONFINITE", "NonFiniteError", "moment_states"]
+__all__ = ["FSDPLowPrecision", "LowPrecision", "MOMENT_STATES", "NONFINITE", "NonFiniteError", "moment_states"]
 
 #: The optimizer state tensors of torch.optim that are running estimates of (functions of) the
 #: parameter's gradients or iterates, one value per element: what ``optimizer_state`` rounds.
@@ -81,15 +91,16 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
+def _all_finite(tensors: list[torch.Tensor], sharded: bool = False) -> bool:
     """Whether every value of ``tensors`` is finite: each tensor's minimum and maximum, one host sync.
 
     A tensor's min or max is NaN if it holds a NaN and infinite if it holds an Inf
     (``torch.aminmax``: one vectorised pass, several times faster here than an inf-norm or
-    ``isfinite().all()``). Sharded tensors (DTensors) are checked shard by shard and the answer
-    agreed by every rank (an all-reduce), so that all ranks skip a step, or none.
+    ``isfinite().all()``). Sharded tensors (DTensors, or FSDP1 pieces: ``sharded=True``) are
+    checked shard by shard and the answer agreed by every rank (an all-reduce), so that all
+    ranks skip a step, or none.
     """
-    sharded = any(is_dtensor(t) for t in tensors)
+    sharded = sharded or any(is_dtensor(t) for t in tensors)
     tensors = [t for t in _local(tensors) if t.numel() > 0]
     finite = True
     if tensors:
@@ -203,7 +214,6 @@ class LowPrecision(Precision):
         recipe: str | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        super().__init__()
         given: dict[str, Any] = {
             "weight": weight,
             "grad": grad,
@@ -236,6 +246,7 @@ class LowPrecision(Precision):
         self.generator = torch.Generator()
         self._seeded = False
         self._module: nn.Module | None = None
+        self._shards: dict[torch.Tensor, FlatShard] = {}  # under FSDP1: each parameter's piece
         self._master_weights: dict[torch.Tensor, torch.Tensor] = {}
         self._checked: set[torch.Tensor] = set()  # parameters whose shapes suit every role's format
         self._pending_state: dict[str, Any] | None = None
@@ -266,7 +277,7 @@ class LowPrecision(Precision):
         return cls(**{k: getattr(recipe, k) for k in _ARGUMENTS}, grad_scale=grad_scale, nonfinite=nonfinite)
 
     def __repr__(self) -> str:
-        return f"LowPrecision({self.recipe}, grad_scale={self.grad_scale}, nonfinite={self.nonfinite!r})"
+        return f"{type(self).__name__}({self.recipe}, grad_scale={self.grad_scale}, nonfinite={self.nonfinite!r})"
 
     # ---- Lightning hooks --------------------------------------------------------------
 
@@ -289,6 +300,10 @@ class LowPrecision(Precision):
                     "LowPrecision does not support LBFGS: it re-evaluates its closure inside step(), between "
                     "which the plugin could not quantize; use an optimizer that steps once per closure"
                 )
+        # the model as the strategy wrapped it: under FSDP1, where each parameter's piece lies
+        self._shards = flat_shards(model)
+        for optimizer in optimizers:
+            inner = getattr(optimizer, "optimizer", optimizer)
             # here, when training starts, rather than at the first step, after a whole batch
             self._check_shapes(_trainable(inner))
         return super().connect(model, optimizers, lr_schedulers)
@@ -327,29 +342,78 @@ class LowPrecision(Precision):
     @torch.no_grad()
     def _before_step(self, params: list[torch.Tensor]) -> None:
         r = self.recipe
-        grads = [p.grad for p in params if p.grad is not None]
+        owners, grads = self._grads(params)
         if grads and self.grad_scale != 1.0:
             torch._foreach_mul_(_local(grads), self.grad_scale)
         if grads and r.grad is not None:
-            quantize_foreach_(grads, r.grad, r.grad_rounding, self.generator)
+            self._quantize(grads, owners, r.grad, r.grad_rounding)
         if r.master_weight is not None:
             torch._foreach_copy_(_local(params), _local([self._master_weight(p) for p in params]))
 
     @torch.no_grad()
     def _after_step(self, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
-        r, g = self.recipe, self.generator
+        r = self.recipe
         if r.master_weight is not None:
             masters = [self._master_weights[p] for p in params]
-            quantize_foreach_(masters, r.master_weight, r.master_weight_rounding, g, sources=params)
+            self._quantize(masters, params, r.master_weight, r.master_weight_rounding, sources=params)
             if r.weight is not None:
-                quantize_foreach_(params, r.weight, r.weight_rounding, g, sources=masters)
+                self._quantize(params, params, r.weight, r.weight_rounding, sources=masters)
             else:
                 torch._foreach_copy_(_local(params), _local(masters))
         elif r.weight is not None:
-            quantize_foreach_(params, r.weight, r.weight_rounding, g)
+            self._quantize(params, params, r.weight, r.weight_rounding)
         if r.optimizer_state is not None:
-            states = [s for p in params for s in moment_states(optimizer, p)]
-            quantize_foreach_(states, r.optimizer_state, r.optimizer_state_rounding, g)
+            owners, states = self._states(optimizer, params)
+            self._quantize(states, owners, r.optimizer_state, r.optimizer_state_rounding)
+
+    def _quantize(
+        self,
+        tensors: list[torch.Tensor],
+        owners: list[torch.Tensor],
+        fmt: FormatLike | None,
+        rounding: str,
+        sources: list[torch.Tensor] | None = None,
+    ) -> None:
+        """``tensors[i] = quantize(sources[i])`` in place; ``owners[i]`` is the parameter ``tensors[i]`` belongs to."""
+        assert fmt is not None
+        g = self.generator
+        if not self._shards:
+            quantize_foreach_(tensors, fmt, rounding, g, sources=sources)
+            return
+
+        def quantize(outs: list[torch.Tensor], ins: list[torch.Tensor]) -> None:
+            quantize_foreach_(outs, fmt, rounding, g, sources=ins)
+
+        shards = [self._shards.get(p) for p in owners]
+        quantize_flat_shards_(tensors, shards, as_format(fmt), rounding, quantize, sources=sources)
+
+    def _grads(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters that have a gradient, and their gradients.
+
+        Under FSDP1 a rank whose piece of a parameter is empty has no gradient for it: it takes
+        an empty one where another rank has one, so that every rank quantizes the same list.
+        """
+        if not self._shards:
+            owners = [p for p in params if p.grad is not None]
+            return owners, [p.grad for p in owners]  # type: ignore[misc]
+        device = params[0].device if params else torch.device("cpu")
+        counts = rank_counts([int(p.grad is not None) for p in params], None, device)
+        owners = [p for p, c in zip(params, counts, strict=True) if c]
+        return owners, [p.grad if p.grad is not None else p.new_empty(0) for p in owners]
+
+    def _states(
+        self, optimizer: Optimizer, params: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameter of each :func:`moment_states` tensor, and the tensors (as :meth:`_grads`, under FSDP1)."""
+        per_param = [moment_states(optimizer, p) for p in params]
+        if self._shards:
+            device = params[0].device if params else torch.device("cpu")
+            counts = rank_counts([len(s) for s in per_param], None, device)
+            for i, (p, count) in enumerate(zip(params, counts, strict=True)):
+                if not per_param[i]:  # the optimizer has not stepped this rank's (empty) piece
+                    per_param[i] = [p.new_empty(0) for _ in range(count)]
+        owners = [p for p, states in zip(params, per_param, strict=True) for _ in states]
+        return owners, [s for states in per_param for s in states]
 
     # ---- non-finite values ------------------------------------------------------------
 
@@ -399,7 +463,7 @@ class LowPrecision(Precision):
         """After a step: count, and skip or raise on, a non-finite gradient, weight or master weight."""
         grads = [p.grad for p in params if p.grad is not None]
         masters = [self._master_weights[p] for p in params if p in self._master_weights]
-        if not _all_finite(grads + params + masters):
+        if not _all_finite(grads + params + masters, sharded=bool(self._shards)):
             name, role, what = self._find_nonfinite(params)
             self.nonfinite_steps += 1
             step = model.trainer.global_step if model._trainer is not None else None
@@ -426,9 +490,7 @@ class LowPrecision(Precision):
     @torch.no_grad()
     def _find_nonfinite(self, params: list[torch.Tensor]) -> tuple[str, str, str]:
         """The name, role and content of the first non-finite tensor: gradients first (the cause), then weights."""
-        names: dict[torch.Tensor, str] = {}
-        if self._module is not None:
-            names = {p: n for n, p in self._module.named_parameters()}
+        names = self._names()
         found = [("grad", p, p.grad) for p in params if p.grad is not None]
         found += [("weight", p, p) for p in params]
         found += [("master_weight", p, self._master_weights[p]) for p in params if p in self._master_weights]
@@ -437,6 +499,8 @@ class LowPrecision(Precision):
             if bad:
                 nan = int(torch.isnan(t).sum())
                 return names.get(p, "?"), role, f"{nan} NaN and {bad - nan} infinite of {t.numel()} values"
+        if self._shards:  # FSDP1: the non-finite values are in another rank's pieces
+            return "(in another rank's shard)", "grad", "non-finite values"
         raise AssertionError("unreachable: the check found a non-finite value")
 
     def _log(self, model: pl.LightningModule) -> None:
@@ -452,16 +516,13 @@ class LowPrecision(Precision):
     def state_dict(self) -> dict[str, Any]:
         if self._module is None:
             return {**(self._pending_state or {}), "nonfinite_steps": self.nonfinite_steps}
-        names: dict[torch.Tensor, str] = {p: n for n, p in self._module.named_parameters()}
+        names = self._names()
         return {
             "generator": self.generator.get_state(),
-            # sharded (FSDP2) master weights as full tensors: the checkpoint is one rank's (a
-            # collective: every rank builds the checkpoint), and any sharding can load it
-            "master_weights": {
-                names[p]: (m.full_tensor() if is_dtensor(m) else m.clone())  # type: ignore[attr-defined]
-                for p, m in self._master_weights.items()
-                if p in names
-            },
+            # sharded (FSDP2, FSDP1) master weights as full tensors, named as in the unwrapped
+            # model: the checkpoint is one rank's (a collective: every rank builds the
+            # checkpoint), and any sharding can load it
+            "master_weights": {names[p]: self._full(p, m) for p, m in self._master_weights.items() if p in names},
             "nonfinite_steps": self.nonfinite_steps,
         }
 
@@ -474,12 +535,27 @@ class LowPrecision(Precision):
 
     # ---- helpers ----------------------------------------------------------------------
 
+    def _names(self) -> dict[torch.Tensor, str]:
+        """Each parameter's name in the unwrapped LightningModule (FSDP1's wrappers left out)."""
+        if self._module is None:
+            return {}
+        return {p: clean_name(n) for n, p in self._module.named_parameters()}
+
+    def _full(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t``, a tensor of parameter ``p``'s extent, as a full tensor (a collective where it is sharded)."""
+        if is_dtensor(t):
+            return t.full_tensor()  # type: ignore[attr-defined]
+        if p in self._shards:
+            return full_tensor_of_piece(t, self._shards[p])
+        return t.clone()
+
     def _bind(self, module: nn.Module) -> None:
         """Make ``module`` the model whose master weights this plugin keeps, forgetting another's."""
         if module is not self._module:
             self._module = module
             self._master_weights = {}
             self._checked = set()
+            self._shards = {}
 
     def _check_shapes(self, params: list[torch.Tensor]) -> None:
         """Check that every role's format applies to each parameter (see the class docstring).
@@ -487,20 +563,19 @@ class LowPrecision(Precision):
         Raises:
             ValueError: naming the role, its format, the parameter and its shape.
         """
-        names: dict[torch.Tensor, str] = {}
-        if self._module is not None:
-            names = {p: n for n, p in self._module.named_parameters()}
+        names = self._names()
         for role in _ROLES:
             fmt = getattr(self.recipe, role)
             if fmt is None:
                 continue
             for p in params:
+                shape = self._shards[p].shape if p in self._shards else p.shape  # FSDP1: the full shape
                 try:
-                    check_dims(fmt, p.dim(), "the parameter")
+                    check_dims(fmt, len(shape), "the parameter")
                 except ValueError as err:
                     what = f"parameter {names[p]!r}" if p in names else "a parameter"
                     raise ValueError(
-                        f"LowPrecision: {role}={fmt} does not apply to {what} of shape {tuple(p.shape)}: {err}. "
+                        f"LowPrecision: {role}={fmt} does not apply to {what} of shape {tuple(shape)}: {err}. "
                         f"A role's format must apply to every trainable parameter of the optimizer: give {role} "
                         "one that does (a block dim of 0 or -1; for a scaled format, blocks of k elements, 'row' "
                         f"or 'tensor' rather than a (rows, cols) tile), or leave {what} out of the optimizer or "
@@ -527,13 +602,15 @@ class LowPrecision(Precision):
         if "generator" in state:
             self.generator.set_state(state["generator"])
             self._seeded = True
-        params = dict(self._module.named_parameters())
+        params = {n: p for p, n in self._names().items()}
         for name, master in state.get("master_weights", {}).items():
             if name not in params:
                 raise ValueError(f"checkpoint has a master weight for {name!r}, which the model does not have")
             p = params[name]
             if is_dtensor(p) and not is_dtensor(master):  # a full tensor: this rank's shard of it
                 master = distribute_tensor(master, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
+            elif p in self._shards:  # FSDP1: this rank's piece of it
+                master = piece_of_full_tensor(master, self._shards[p])
             self._master_weights[p] = master.to(device=p.device, dtype=p.dtype).clone()
 
     def _master_weight(self, p: torch.Tensor) -> torch.Tensor:
@@ -541,3 +618,28 @@ class LowPrecision(Precision):
         if master is None:  # as OptimLP: the master copy starts as the (unquantized) initial weight
             master = self._master_weights[p] = p.detach().clone()
         return master
+
+
+class FSDPLowPrecision(LowPrecision, FSDPPrecision):  # type: ignore[misc]  # (optimizer_step: Lightning's own mismatch)
+    """:class:`LowPrecision` for Lightning's FSDP strategy (``strategy="fsdp"``, FSDP1).
+
+    Lightning's ``FSDPStrategy`` takes only a precision plugin that is an ``FSDPPrecision``;
+    this is one, in float32 (``"32-true"``), with everything of :class:`LowPrecision`: the same
+    arguments, recipes (``FSDPLowPrecision.from_name("bfp8")``) and checkpoints (whole master
+    weights, named as in the unwrapped model, so a checkpoint moves between FSDP1, FSDP2, DDP
+    and one device). Every role is shard-invariant: a rank quantizes its pieces of the
+    parameters (element-wise formats to nearest), or gathers each full tensor, quantizes it
+    and keeps its piece (block and scaled formats, stochastic rounding), so a run takes the
+    bits of an unsharded one. FSDP1 must keep the original parameters
+    (``use_orig_params=True``, Lightning's default). As with Lightning's own ``FSDPPrecision``,
+    ``gradient_clip_algorithm="norm"`` is not supported.
+
+    Under ``ModelParallelStrategy`` (FSDP2), DDP or one device, use :class:`LowPrecision`.
+
+    Example:
+        >>> trainer = L.Trainer(strategy="fsdp", plugins=[lp.FSDPLowPrecision.from_name("bfp8")])
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        LowPrecision.__init__(self, *args, **kwargs)
+        FSDPPrecision.__init__(self, "32-true")

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_lowp.sharding import clean_name
+
 __all__ = ["ModuleHookCallback", "stream_seed"]
 
 S = TypeVar("S")
@@ -50,6 +52,17 @@ def stream_seed(*values: int) -> int:
     for v in values:
         h = _splitmix64(h ^ (v & _MASK64))
     return h >> 1
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules of ``model`` by name (the root left out), as in the unwrapped model.
+
+    FSDP1 (and activation checkpointing) wrap a layer in a module of its own, whose child is
+    named ``_fsdp_wrapped_module``: the layer keeps its unwrapped name (``"net.0"``, not
+    ``"net.0._fsdp_wrapped_module"``), and the wrapper, which would have the same name, is
+    left out (``named_modules`` lists a parent before its child, so the child wins).
+    """
+    return {clean_name(n): m for n, m in model.named_modules() if n}
 
 
 class ModuleHookCallback(pl.Callback, Generic[S]):
@@ -97,7 +110,7 @@ class ModuleHookCallback(pl.Callback, Generic[S]):
 
     def select(self, model: nn.Module) -> dict[str, S]:
         """The modules this callback hooks in ``model``, by name, with their settings."""
-        named = [(n, m) for n, m in model.named_modules() if n]  # the root is not a layer
+        named = list(named_layers(model).items())
         patterns = (self.names or []) + ([] if self.overrides_match_selected else list(self.overrides))
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
@@ -143,7 +156,7 @@ class ModuleHookCallback(pl.Callback, Generic[S]):
             return
         self.hooked = self.select(model)
         self._attached = True
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         for name, settings in self.hooked.items():
             self._handles.extend(self._hook_module(name, modules[name], settings))
         kind = type(self).__name__
@@ -154,7 +167,7 @@ class ModuleHookCallback(pl.Callback, Generic[S]):
                 f"{kind} selected no module of {type(model).__name__}, so no {self.quantized_what} is quantized "
                 f"(modules: {types}; names: {self.names}; predicate: "
                 f"{'given' if self.predicate is not None else 'none'}). Its modules are: "
-                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in model.named_modules() if n) or '(none)'}; "
+                f"{', '.join(f'{n} ({type(m).__name__})' for n, m in named_layers(model).items()) or '(none)'}; "
                 "widen modules= (None: every type), names= or predicate="
             )
             return

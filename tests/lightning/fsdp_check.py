@@ -1,30 +1,48 @@
-"""Standalone FSDP2 check (run by tests/lightning/test_sharding.py; Lightning's launcher re-runs this
-script once per extra rank): two CPU ranks (gloo) train a tiny model under "ddp" or under
-ModelParallelStrategy with the model fully sharded (FSDP2, fully_shard in configure_model), with
+"""Standalone FSDP check (run by tests/lightning/test_sharding.py; Lightning's launcher re-runs this
+script once per extra rank): two CPU ranks (gloo) train a tiny model under "ddp", under
+ModelParallelStrategy with the model fully sharded ("fsdp": FSDP2, fully_shard in configure_model),
+or under Lightning's FSDPStrategy ("fsdp1": FSDP1, each Linear its own FlatParameter, with
+FSDPLowPrecision; Lightning allows it only on GPUs, so a subclass here wraps on the CPU), with
 the LowPrecision plugin (block floating point weights and gradients, one exponent per tensor,
 stochastic rounding), QuantizeActivations (stochastic errors), QuantizeMatmuls (MXFP8 operands)
 and QuantizationMetrics. The first layer's rows differ in scale by 2^10 between the two shards,
 so a per-shard exponent would show.
 
-    python tests/lightning/fsdp_check.py RESULT.json {ddp,fsdp} [STEPS]
+    python tests/lightning/fsdp_check.py RESULT.json {ddp,fsdp,fsdp1} [STEPS] [{cpu,cuda}]
+
+On "cuda" the ranks are the GPUs (up to two) and "fsdp1" is Lightning's own strategy="fsdp".
 
 Rank 0 writes RESULT.json: {"weights": {name: [...full values...]}, "steps": int,
-"sharded": bool (whether the parameters were DTensors), "operand_stats": [names],
-"full_masters": bool (the plugin's state_dict holds full, unsharded master weights)}.
+"sharded": bool (whether the parameters were DTensors, or FSDP1 pieces), "operand_stats": [names],
+"full_masters": bool (the plugin's state_dict holds full, unsharded master weights, named as
+in the unwrapped model), "masters_round_trip": bool (loading that state gives each rank its own
+shards back)}.
 """
 
+import contextlib
 import json
 import sys
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lowp as lp
-from lightning_lowp.sharding import is_dtensor
+from lightning_lowp.sharding import clean_name, is_dtensor
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP1 strategy, wrapping on the CPU (which torch's FSDP1 accepts given device_id="cpu")."""
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            model, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs
+        )
 
 
 class Tiny(pl.LightningModule):
@@ -61,13 +79,25 @@ class Collect(pl.Callback):
         self.path, self.metrics, self.plugin = path, metrics, plugin
 
     def on_train_end(self, trainer, pl_module):
-        sharded = any(is_dtensor(p) for p in pl_module.parameters())
-        # the plugin's checkpoint state holds full master weights (a collective under FSDP2)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp1 = isinstance(trainer.model, FullyShardedDataParallel)
+        sharded = fsdp1 or any(is_dtensor(p) for p in pl_module.parameters())
+        # the plugin's checkpoint state holds full master weights (a collective under FSDP)
         masters = self.plugin.state_dict()["master_weights"]
-        full_masters = all(
-            not is_dtensor(m) and m.shape == p.shape for (n, p) in pl_module.named_parameters() for m in [masters[n]]
+        with FullyShardedDataParallel.summon_full_params(trainer.model) if fsdp1 else contextlib.nullcontext():
+            weights = {
+                clean_name(n): (p.full_tensor() if is_dtensor(p) else p).detach().clone()
+                for n, p in pl_module.named_parameters()
+            }
+        full_masters = sorted(masters) == sorted(weights) and all(
+            not is_dtensor(masters[n]) and masters[n].shape == w.shape for n, w in weights.items()
         )
-        weights = {n: (p.full_tensor() if is_dtensor(p) else p).detach() for n, p in pl_module.named_parameters()}
+        # loading the checkpoint state gives each rank back its own shards (pieces) of the masters
+        before = {p: m.clone() for p, m in self.plugin._master_weights.items()}
+        self.plugin.load_state_dict(self.plugin.state_dict())
+        after = self.plugin._master_weights
+        round_trip = after.keys() == before.keys() and all(torch.equal(after[p], m) for p, m in before.items())
         if trainer.is_global_zero:
             result = {
                 "weights": {n: w.reshape(-1).tolist() for n, w in weights.items()},
@@ -75,6 +105,7 @@ class Collect(pl.Callback):
                 "sharded": sharded,
                 "operand_stats": sorted(self.metrics.last_layer_stats),
                 "full_masters": full_masters,
+                "masters_round_trip": round_trip,
             }
             with open(self.path, "w") as f:
                 json.dump(result, f)
@@ -83,11 +114,13 @@ class Collect(pl.Callback):
 def main():
     path, mode = sys.argv[1], sys.argv[2]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+    accelerator = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+    devices = min(2, torch.cuda.device_count()) if accelerator == "cuda" else 2
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(128, 8, generator=g)
     y = (x[:, :4].argmax(dim=1) + (x[:, 4] > 1).long()) % 4
-    plugin = lp.LowPrecision(
+    plugin = (lp.FSDPLowPrecision if mode == "fsdp1" else lp.LowPrecision)(
         weight="bfp(8)", grad="bfp(8)", optimizer_state="bf16", master_weight="bf16",
         weight_rounding="stochastic", grad_rounding="stochastic",
     )  # fmt: skip
@@ -98,9 +131,16 @@ def main():
         metrics,
         Collect(path, metrics, plugin),
     ]
-    strategy = "ddp" if mode == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if mode == "ddp":
+        strategy = "ddp"
+    elif mode == "fsdp1":
+        fsdp = FSDPStrategy if accelerator == "cuda" else CPUFSDPStrategy
+        strategy = fsdp(auto_wrap_policy={nn.Linear})
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=2, plugins=[plugin], callbacks=callbacks, max_steps=steps,
+        strategy=strategy, accelerator=accelerator, devices=devices, plugins=[plugin], callbacks=callbacks,
+        max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=8))

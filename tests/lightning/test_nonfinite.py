@@ -218,7 +218,9 @@ def test_the_argument_is_validated_and_from_name_takes_it():
 def test_the_check_is_one_call_over_every_gradient_weight_and_master_weight(monkeypatch):
     calls = []
     real = plugins._all_finite
-    monkeypatch.setattr(plugins, "_all_finite", lambda tensors: calls.append(len(tensors)) or real(tensors))
+    monkeypatch.setattr(
+        plugins, "_all_finite", lambda tensors, sharded=False: calls.append(len(tensors)) or real(tensors, sharded)
+    )
     fit(Net(), plugin_with_every_role())
     assert calls == [3 * 4] * BATCHES  # 4 parameters: their grads, weights and master weights
 

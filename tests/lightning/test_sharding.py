@@ -7,7 +7,8 @@ fsdp_check.py (beside this file), run as scripts: the ranks are processes of the
   replicated, with shards 2^20 apart in scale (a per-shard exponent or scale would show).
 - A model fully sharded under ModelParallelStrategy (fully_shard in configure_model) trains with
   LowPrecision, QuantizeActivations, QuantizeMatmuls and QuantizationMetrics to the same weights,
-  bit for bit, as under DDP on the same data.
+  bit for bit, as under DDP on the same data; so does one under Lightning's FSDPStrategy (FSDP1)
+  with FSDPLowPrecision.
 """
 
 import json
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from helpers import REPO
 
 HERE = Path(__file__).parent
@@ -35,17 +38,92 @@ def test_quantizing_a_dtensor_is_shard_invariant(tmp_path):
     assert result["placements_kept"]
 
 
-def test_fsdp2_trains_to_the_weights_of_ddp_bit_for_bit(tmp_path):
-    run("fsdp_check.py", tmp_path / "ddp.json", "ddp", 4)
-    run("fsdp_check.py", tmp_path / "fsdp.json", "fsdp", 4)
-    ddp = json.loads((tmp_path / "ddp.json").read_text())
-    fsdp = json.loads((tmp_path / "fsdp.json").read_text())
-    assert fsdp["sharded"]  # the parameters really were DTensors
-    assert not ddp["sharded"]
-    assert ddp["steps"] == fsdp["steps"] == 4
-    assert fsdp["weights"].keys() == ddp["weights"].keys()
+@pytest.fixture(scope="module")
+def ddp_result(tmp_path_factory):
+    """The DDP run that the FSDP runs must match (run once for both)."""
+    path = tmp_path_factory.mktemp("ddp") / "ddp.json"
+    run("fsdp_check.py", path, "ddp", 4)
+    result = json.loads(path.read_text())
+    assert not result["sharded"]
+    assert result["steps"] == 4
+    return result
+
+
+def assert_same_training(sharded, ddp):
+    assert sharded["sharded"]  # the parameters really were sharded
+    assert sharded["steps"] == 4
+    assert sharded["weights"].keys() == ddp["weights"].keys()
     for name in ddp["weights"]:
-        assert fsdp["weights"][name] == ddp["weights"][name], name
-    assert fsdp["operand_stats"] == ddp["operand_stats"]
-    assert "net.0/wgrad.grad_output" in fsdp["operand_stats"]
-    assert fsdp["full_masters"]  # a checkpoint holds whole master weights, not rank 0's shards
+        assert sharded["weights"][name] == ddp["weights"][name], name
+    assert sharded["operand_stats"] == ddp["operand_stats"]  # layers named as in the unwrapped model
+    assert "net.0/wgrad.grad_output" in sharded["operand_stats"]
+    assert sharded["full_masters"]  # a checkpoint holds whole master weights, not rank 0's shards
+    assert sharded["masters_round_trip"]  # and loading it gives each rank its shards back
+
+
+def test_fsdp2_trains_to_the_weights_of_ddp_bit_for_bit(tmp_path, ddp_result):
+    run("fsdp_check.py", tmp_path / "fsdp.json", "fsdp", 4)
+    assert_same_training(json.loads((tmp_path / "fsdp.json").read_text()), ddp_result)
+
+
+def test_fsdp1_trains_to_the_weights_of_ddp_bit_for_bit(tmp_path, ddp_result):
+    # Lightning's FSDPStrategy (FSDP1, flat parameters cut across rows of net.0.weight) with
+    # FSDPLowPrecision: the same bits as DDP, block exponents and stochastic keys included
+    run("fsdp_check.py", tmp_path / "fsdp1.json", "fsdp1", 4)
+    assert_same_training(json.loads((tmp_path / "fsdp1.json").read_text()), ddp_result)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: Lightning runs strategy='fsdp' on GPUs only")
+def test_fsdp1_on_gpus_trains_to_the_weights_of_ddp_bit_for_bit(tmp_path):
+    # Lightning's own strategy="fsdp" on (up to two) GPUs, NCCL collectives, against DDP there
+    run("fsdp_check.py", tmp_path / "ddp.json", "ddp", 4, "cuda")
+    run("fsdp_check.py", tmp_path / "fsdp1.json", "fsdp1", 4, "cuda")
+    assert_same_training(
+        json.loads((tmp_path / "fsdp1.json").read_text()), json.loads((tmp_path / "ddp.json").read_text())
+    )
+
+
+def test_fsdp_strategy_takes_fsdp_low_precision_and_refuses_low_precision():
+    # Lightning's FSDPStrategy takes only an FSDPPrecision: FSDPLowPrecision is one, with the
+    # arguments, recipes and repr of LowPrecision
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    import lightning_lowp as lp
+
+    plugin = lp.FSDPLowPrecision.from_name("bfp8", grad_rounding="stochastic")
+    assert isinstance(plugin, FSDPPrecision)
+    assert isinstance(plugin, lp.LowPrecision)
+    assert plugin.precision == "32-true"
+    assert plugin.scaler is None
+    assert plugin.recipe.grad_rounding == "stochastic"
+    assert plugin.recipe.weight == lp.LowPrecision.from_name("bfp8").recipe.weight
+    assert repr(plugin).startswith("FSDPLowPrecision(")
+    FSDPStrategy(precision_plugin=plugin)  # accepted
+    with pytest.raises(TypeError, match="FSDPPrecision"):
+        FSDPStrategy(precision_plugin=lp.LowPrecision.from_name("bfp8"))
+    with pytest.raises(ValueError, match="grad_scale"):
+        lp.FSDPLowPrecision(weight="bf16", grad_scale=0)  # LowPrecision's validation
+
+
+def test_layer_and_parameter_names_leave_out_fsdp1_wrappers():
+    from torch import nn
+
+    from lightning_lowp.selection import named_layers
+    from lightning_lowp.sharding import clean_name
+
+    assert clean_name("net.0._fsdp_wrapped_module.weight") == "net.0.weight"
+    assert clean_name("net.0._fsdp_wrapped_module") == "net.0"
+    assert clean_name("_fsdp_wrapped_module.block._checkpoint_wrapped_module.fc") == "block.fc"
+    assert clean_name("net.fsdp_like_module.weight") == "net.fsdp_like_module.weight"  # whole parts only
+
+    class Wrapper(nn.Module):  # as FSDP1 wraps a layer: the layer is its child "_fsdp_wrapped_module"
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    linear = nn.Linear(2, 2)
+    model = nn.Sequential(Wrapper(linear), nn.ReLU())
+    layers = named_layers(model)
+    assert list(layers) == ["0", "1"]
+    assert layers["0"] is linear  # the layer, not its wrapper
