@@ -48,6 +48,10 @@ SCALED_FORMATS = [
     "mx(fp4_e2m1,16,dim=0,scale=fp8_e4m3,tensor_scale=true)",
     "mx(fp8_e5m2,3x5,scale_rounding=rceil)",
 ]
+# LOWP_CUDA_BLOCKS: block and scaled formats whose blocks are runs along a dim take a fused
+# kernel (block maxima and rounding in one pass) or the general path (maxima first); "auto"
+# chooses by size. The bit-identity tests run both, whatever the size.
+BLOCK_PATHS = ["general", "fused"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float64]
 DTYPE_FORMATS = ["fixed(8,4)", "fp8_e4m3", "bfp(6,dim=0)"]
 ROW = 61  # adversarial() rows: 61 values, of which a strided view keeps 60
@@ -144,6 +148,24 @@ def foreach_case() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return tensors, expected
 
 
+def fused_cases() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """Inputs large enough for the fused kernels under LOWP_CUDA_BLOCKS=auto: (format, rounding,
+    input, CPU result). Whole runs along the last dim (no partial block), rows 2^40 apart in
+    scale, and columns (blocks along dim 0) of a wide matrix."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(512, 4096, generator=g) * torch.exp2(torch.randint(-20, 21, (512, 1), generator=g).float())
+    columns = torch.randn(64, 40000, generator=g)
+    cases = [(fmt, rows) for fmt in ("mxfp8_e4m3", "nvfp4", "fp8_rowwise", "bfp(8,block_size=32)")]
+    nvfp4_columns = "mx(fp4_e2m1,16,dim=0,scale=fp8_e4m3,tensor_scale=true)"
+    cases += [(fmt, columns) for fmt in ("mx(fp8_e4m3,32,dim=0)", nvfp4_columns)]
+    results = []
+    for fmt, x in cases:
+        for rounding in ("nearest", "stochastic"):
+            torch.manual_seed(1)
+            results.append((fmt, rounding, x, lp.quantize(x, fmt, rounding)))
+    return results
+
+
 def second_gpu_case() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(4096, 64)
     return x, lp.quantize(x, "bfp(8,dim=0)")
@@ -189,6 +211,8 @@ def test_the_gpu_tests_inputs_build_on_the_cpu():
     assert expected.shape == x.shape
     tensors, expected = foreach_case()
     assert [t.shape for t in tensors] == [e.shape for e in expected]
+    for fmt, rounding, x, expected in fused_cases():
+        assert expected.shape == x.shape, (fmt, rounding)
 
 
 # ---- on the GPU ----------------------------------------------------------------------------
@@ -196,9 +220,11 @@ def test_the_gpu_tests_inputs_build_on_the_cpu():
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("block_path", BLOCK_PATHS)
 @pytest.mark.parametrize("rounding", lp.ROUNDING_MODES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cpu_and_gpu_give_the_same_bits(fmt, rounding):
+def test_cpu_and_gpu_give_the_same_bits(fmt, rounding, block_path, monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_BLOCKS", block_path)
     x, on_cpu = bits_case(fmt, rounding)
     torch.manual_seed(1)
     on_gpu = lp.quantize(x.cuda(), fmt, rounding)
@@ -220,12 +246,35 @@ def test_other_dtypes_and_in_place(fmt, dtype):
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("block_path", BLOCK_PATHS)
 @pytest.mark.parametrize("rounding", lp.ROUNDING_MODES)
 @pytest.mark.parametrize("fmt", SCALED_FORMATS)
-def test_scaled_formats_give_the_same_bits(fmt, rounding):
+def test_scaled_formats_give_the_same_bits(fmt, rounding, block_path, monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_BLOCKS", block_path)
     x, on_cpu = scaled_case(fmt, rounding)
     torch.manual_seed(1)
     assert same_bits(on_cpu, lp.quantize(x.cuda(), fmt, rounding).cpu())
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_large_block_tensors_take_the_fused_kernels_with_the_same_bits(monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_BLOCKS", "auto")
+    for fmt, rounding, x, on_cpu in fused_cases():
+        torch.manual_seed(1)
+        assert same_bits(on_cpu, lp.quantize(x.cuda(), fmt, rounding).cpu()), (fmt, rounding)
+        torch.manual_seed(1)
+        in_place = x.cuda()
+        lp.quantize_(in_place, fmt, rounding)
+        assert same_bits(on_cpu, in_place.cpu()), (fmt, rounding, "in place")
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_a_bad_lowp_cuda_blocks_is_refused(monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_BLOCKS", "fast")
+    with pytest.raises(RuntimeError, match="LOWP_CUDA_BLOCKS must be auto, fused or general"):
+        lp.quantize(torch.randn(64, 64, device="cuda"), "mxfp8_e4m3")
 
 
 @pytest.mark.cuda
