@@ -187,20 +187,38 @@ void run_kernel(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Ro
   }
 }
 
-// out = quantize(x); out may be x itself. Never changes out's shape, dtype or layout.
-void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntArrayRef params, int64_t rounding,
-                   const std::optional<at::Generator>& generator) {
+void check_quantize_arguments(const at::Tensor& x, int64_t rounding) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowp::quantize: x must be a floating-point tensor, got ",
               x.scalar_type());
   TORCH_CHECK(rounding >= 0 && rounding <= 5, "lowp::quantize: rounding must be 0..5, got ", rounding);
+}
+
+// Element-wise formats walk memory in storage order whenever in and out share a dense layout.
+bool storage_order(const at::Tensor& x, const at::Tensor& out, const FormatParams& p) {
+  return p.kind != Kind::Block && p.kind != Kind::Scaled && x.is_non_overlapping_and_dense() &&
+         out.strides() == x.strides();
+}
+
+void quantize_with_key(const at::Tensor& x, at::Tensor& out, const FormatParams& p, at::IntArrayRef params,
+                       Rounding mode, uint64_t key);
+
+// out = quantize(x); out may be x itself. Never changes out's shape, dtype or layout.
+void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                   const std::optional<at::Generator>& generator) {
+  check_quantize_arguments(x, rounding);
   const FormatParams p = format_params(kind, params);
   const Rounding mode = static_cast<Rounding>(rounding);
   if (x.numel() == 0) return;
   const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
+  quantize_with_key(x, out, p, params, mode, key);
+}
 
-  // Element-wise formats walk memory in storage order whenever in and out share a dense layout.
+// quantize_into with the stochastic-rounding key drawn (x not empty).
+void quantize_with_key(const at::Tensor& x, at::Tensor& out, const FormatParams& p, at::IntArrayRef params,
+                       Rounding mode, uint64_t key) {
+
   const bool blocked = p.kind == Kind::Block || p.kind == Kind::Scaled;
-  if (!blocked && x.is_non_overlapping_and_dense() && out.strides() == x.strides()) {
+  if (storage_order(x, out, p)) {
     run_kernel(x, out, p, mode, key, BlockLayout{1, 1, x.numel()});
     return;
   }
@@ -315,6 +333,28 @@ void quantize_foreach_(at::TensorList out, at::TensorList x, int64_t kind, at::I
     check_writable(out[i], "quantize_foreach_");
   }
   check_no_overlap(out, x);
+#ifdef LOWP_WITH_CUDA
+  if (!x.empty() && x[0].is_cuda() && foreach_cuda_kernel()) {
+    // Element-wise formats on tensors in storage order: one multi-tensor kernel (launches of
+    // many tensors). The keys are drawn in list order, as quantize_into would draw them.
+    const FormatParams p = format_params(kind, params);
+    const Rounding mode = static_cast<Rounding>(rounding);
+    std::vector<ForeachItem> batch;
+    for (size_t i = 0; i < out.size(); ++i) {
+      check_quantize_arguments(x[i], rounding);
+      if (x[i].numel() == 0) continue;
+      const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
+      at::Tensor o = out[i];
+      if (storage_order(x[i], o, p)) {
+        batch.push_back({x[i], o, key});
+      } else {
+        quantize_with_key(x[i], o, p, params, mode, key);
+      }
+    }
+    quantize_foreach_cuda(batch, p, mode);
+    return;
+  }
+#endif
   for (size_t i = 0; i < out.size(); ++i) {
     at::Tensor o = out[i];
     quantize_into(x[i], o, kind, params, rounding, generator);

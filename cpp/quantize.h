@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "rounding.h"
 
@@ -58,6 +59,17 @@ void quantize_cpu(const at::Tensor& in, at::Tensor& out, const FormatParams& p, 
                   uint64_t key, const BlockLayout& blocks);
 void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode,
                    uint64_t key, const BlockLayout& blocks);
+// One tensor of quantize_foreach_cuda: in and out dense with the same strides (in storage
+// order), not empty; key: its stochastic-rounding key.
+struct ForeachItem {
+  at::Tensor in, out;
+  uint64_t key;
+};
+// out = quantize(in) for every item, element-wise formats only: a multi-tensor kernel, a
+// launch per many tensors (quantize_cuda.cu).
+void quantize_foreach_cuda(const std::vector<ForeachItem>& items, const FormatParams& p, Rounding mode);
+// Whether quantize_foreach_ takes quantize_foreach_cuda (LOWP_CUDA_FOREACH; see quantize_cuda.cu).
+bool foreach_cuda_kernel();
 
 // The best instruction set this processor offers among the CPU kernels' builds, chosen once
 // (LOWP_CPU_ISA=avx2 or =baseline caps the choice, for benchmarks and debugging).

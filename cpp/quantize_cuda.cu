@@ -202,6 +202,38 @@ __global__ void column_blocks_kernel(const scalar_t* in, scalar_t* out, FormatPa
   }
 }
 
+// quantize_foreach_cuda's launches: up to kForeachTensors tensors and kForeachChunks chunks
+// of kChunk elements each, described in the kernel's arguments (under 4 KiB), a CTA a chunk.
+constexpr int kForeachTensors = 48;
+constexpr int kForeachChunks = 192;
+constexpr int64_t kChunk = 1 << 16;
+
+template <typename scalar_t>
+struct ForeachBatch {
+  const scalar_t* in[kForeachTensors];
+  scalar_t* out[kForeachTensors];
+  int64_t numel[kForeachTensors];
+  uint64_t key[kForeachTensors];
+  uint8_t tensor[kForeachChunks];  // the tensor of each chunk
+  int32_t chunk[kForeachChunks];   // its index within the tensor
+};
+
+// Element-wise formats over many tensors in one launch: CTA c rounds chunk c of its tensor,
+// element i of a tensor in storage order with counter i (as quantize_kernel does each tensor).
+template <Kind K, Rounding R, typename scalar_t>
+__global__ void foreach_kernel(ForeachBatch<scalar_t> batch, FormatParams p) {
+  const int t = batch.tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(batch.chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(batch.numel[t], begin + kChunk);
+  const scalar_t* in = batch.in[t];
+  scalar_t* out = batch.out[t];
+  const BlockLayout none;  // (element-wise: no blocks)
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float x = static_cast<float>(in[i]);
+    out[i] = static_cast<scalar_t>(quantize_element<K, R>(x, i, p, batch.key[t], none, nullptr));
+  }
+}
+
 // The multiprocessor count of each device, asked once (two runtime calls per launch otherwise).
 int multiprocessors(int device) {
   constexpr int kMaxDevices = 64;
@@ -256,6 +288,76 @@ BlockPath block_path(const BlockLayout& L, int device) {
 }
 
 }  // namespace
+
+// LOWP_CUDA_FOREACH (read at every call): "multi" takes quantize_foreach_ of element-wise
+// formats through the multi-tensor kernel, "loop" launches quantize_cuda per tensor. Unset,
+// it is "loop" until the multi-tensor kernel has passed the CUDA tests on a GPU (written
+// without one; the tests run both).
+bool foreach_cuda_kernel() {
+  const char* env = std::getenv("LOWP_CUDA_FOREACH");
+  const std::string choice = env != nullptr ? env : "loop";
+  TORCH_CHECK(choice == "multi" || choice == "loop", "LOWP_CUDA_FOREACH must be multi or loop, got ", choice);
+  return choice == "multi";
+}
+
+void quantize_foreach_cuda(const std::vector<ForeachItem>& items, const FormatParams& p, Rounding mode) {
+  if (items.empty()) return;
+  TORCH_CHECK(p.kind == Kind::Fixed || p.kind == Kind::Float,
+              "lowp::quantize_foreach_cuda: element-wise formats only");
+  const c10::cuda::CUDAGuard guard(items[0].in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(mode != Rounding::Stochastic ||
+                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "lowp::quantize_foreach_: stochastic rounding cannot run under CUDA graph capture (see lowp::quantize)");
+  std::vector<at::ScalarType> dtypes;
+  for (const ForeachItem& item : items) {
+    if (std::find(dtypes.begin(), dtypes.end(), item.in.scalar_type()) == dtypes.end()) {
+      dtypes.push_back(item.in.scalar_type());
+    }
+  }
+  for (const at::ScalarType dtype : dtypes) {  // a launch holds tensors of one dtype
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowp_quantize_foreach_cuda", [&] {
+      ForeachBatch<scalar_t> batch{};
+      int tensors = 0, chunks = 0;
+      const auto launch = [&] {
+        if (chunks > 0) {
+          dispatch_kind(p.kind, [&](auto kind) {
+            constexpr Kind K = decltype(kind)::value;
+            if constexpr (K == Kind::Fixed || K == Kind::Float) {
+              dispatch_rounding(mode, [&](auto rounding) {
+                foreach_kernel<K, decltype(rounding)::value, scalar_t><<<chunks, kThreads, 0, stream>>>(batch, p);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+            }
+          });
+        }
+        tensors = chunks = 0;
+      };
+      for (const ForeachItem& item : items) {
+        if (item.in.scalar_type() != dtype) continue;
+        const int64_t n = item.in.numel();
+        int slot = -1;  // the tensor's place in this launch, once it has one
+        for (int64_t c = 0; c * kChunk < n; ++c) {
+          if (slot < 0) {
+            if (tensors == kForeachTensors) launch();
+            slot = tensors++;
+            batch.in[slot] = item.in.const_data_ptr<scalar_t>();
+            batch.out[slot] = item.out.mutable_data_ptr<scalar_t>();
+            batch.numel[slot] = n;
+            batch.key[slot] = item.key;
+          }
+          batch.tensor[chunks] = static_cast<uint8_t>(slot);
+          batch.chunk[chunks] = static_cast<int32_t>(c);
+          if (++chunks == kForeachChunks) {
+            launch();
+            slot = -1;  // the rest of this tensor goes in the next launch
+          }
+        }
+      }
+      launch();
+    });
+  }
+}
 
 void quantize_cuda(const at::Tensor& in, at::Tensor& out, const FormatParams& p, Rounding mode, uint64_t key,
                    const BlockLayout& layout) {

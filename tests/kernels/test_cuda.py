@@ -52,6 +52,9 @@ SCALED_FORMATS = [
 # kernel (block maxima and rounding in one pass) or the general path (maxima first); "auto"
 # chooses by size. The bit-identity tests run both, whatever the size.
 BLOCK_PATHS = ["general", "fused"]
+# LOWP_CUDA_FOREACH: quantize_foreach_ of element-wise formats by a multi-tensor kernel, or a
+# launch per tensor.
+FOREACH_PATHS = ["loop", "multi"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float64]
 DTYPE_FORMATS = ["fixed(8,4)", "fp8_e4m3", "bfp(6,dim=0)"]
 ROW = 61  # adversarial() rows: 61 values, of which a strided view keeps 60
@@ -166,6 +169,25 @@ def fused_cases() -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     return results
 
 
+FOREACH_VIEWS = {"transposed": lambda t: t.t(), "strided": lambda t: t[::2, 1::3]}  # dense; not dense
+
+
+def foreach_many_case(fmt: str, rounding: str) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """quantize_foreach_ over more tensors and chunks than one multi-tensor launch holds: 100
+    small tensors, one of 2^24 + 5 elements, an empty and a 0-d one, four dtypes, and two views
+    of ``base`` (taken on the device: one dense, one not). Returns (tensors, base, CPU results
+    of tensors + views, drawn with seed 5)."""
+    g = torch.Generator().manual_seed(6)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    tensors = [(torch.randn(1 + 37 * i % 301, generator=g) * 8).to(dtypes[i % 4]) for i in range(100)]
+    tensors += [torch.randn(2**24 + 5, generator=g), torch.randn(0), torch.randn((), generator=g)]
+    base = torch.randn(64, 48, generator=g)
+    everything = [t.clone() for t in tensors] + [view(base.clone()) for view in FOREACH_VIEWS.values()]
+    torch.manual_seed(5)
+    lp.quantize_foreach_(everything, fmt, rounding)
+    return tensors, base, everything
+
+
 def second_gpu_case() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(4096, 64)
     return x, lp.quantize(x, "bfp(8,dim=0)")
@@ -213,6 +235,9 @@ def test_the_gpu_tests_inputs_build_on_the_cpu():
     assert [t.shape for t in tensors] == [e.shape for e in expected]
     for fmt, rounding, x, expected in fused_cases():
         assert expected.shape == x.shape, (fmt, rounding)
+    tensors, base, expected = foreach_many_case("fp8_e5m2", "stochastic")
+    assert len(expected) == len(tensors) + len(FOREACH_VIEWS) == 105
+    assert not non_overlapping_and_dense(FOREACH_VIEWS["strided"](base))
 
 
 # ---- on the GPU ----------------------------------------------------------------------------
@@ -318,13 +343,39 @@ def test_non_dense_zero_dim_and_empty_tensors():
 
 @pytest.mark.cuda
 @needs_gpu
-def test_quantize_foreach_on_the_gpu():
+@pytest.mark.parametrize("foreach_path", FOREACH_PATHS)
+def test_quantize_foreach_on_the_gpu(foreach_path, monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_FOREACH", foreach_path)
     tensors, expected = foreach_case()
     on_gpu = [t.cuda() for t in tensors]
     torch.manual_seed(4)
     lp.quantize_foreach_(on_gpu, "fp8_e5m2", "stochastic")
     for g, e in zip(on_gpu, expected, strict=True):
         assert same_bits(g.cpu(), e)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("foreach_path", FOREACH_PATHS)
+@pytest.mark.parametrize(("fmt", "rounding"), [("fp8_e5m2", "stochastic"), ("fixed(8,4)", "nearest")])
+def test_quantize_foreach_of_many_tensors_on_the_gpu(fmt, rounding, foreach_path, monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_FOREACH", foreach_path)
+    tensors, base, expected = foreach_many_case(fmt, rounding)
+    on_gpu_base = base.cuda()
+    on_gpu = [t.cuda() for t in tensors] + [view(on_gpu_base) for view in FOREACH_VIEWS.values()]
+    torch.manual_seed(5)
+    lp.quantize_foreach_(on_gpu, fmt, rounding)
+    for i, (g, e) in enumerate(zip(on_gpu, expected, strict=True)):
+        assert g.dtype == e.dtype, i
+        assert same_bits(g.cpu(), e), i
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_a_bad_lowp_cuda_foreach_is_refused(monkeypatch):
+    monkeypatch.setenv("LOWP_CUDA_FOREACH", "fused")
+    with pytest.raises(RuntimeError, match="LOWP_CUDA_FOREACH must be multi or loop"):
+        lp.quantize_foreach_([torch.randn(8, device="cuda")], "bf16")
 
 
 @pytest.mark.cuda
