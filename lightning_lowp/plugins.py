@@ -114,6 +114,9 @@ def _all_finite(tensors: list[torch.Tensor], sharded: bool = False) -> bool:
     return finite
 
 
+# The names a checkpoint keeps the plugin's state under (the class's, as Lightning does).
+_CHECKPOINT_NAMES = ("LowPrecision", "FSDPLowPrecision")
+
 # The roles of the plugin: each quantizes tensors shaped like a parameter.
 _ROLES = ("weight", "grad", "optimizer_state", "master_weight")
 
@@ -525,6 +528,18 @@ class LowPrecision(Precision):
             "master_weights": {names[p]: self._full(p, m) for p, m in self._master_weights.items() if p in names},
             "nonfinite_steps": self.nonfinite_steps,
         }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning keeps a precision plugin's state under its class name, and loads it (right
+        # after this hook) only into a plugin of that name: a checkpoint of LowPrecision (DDP,
+        # FSDP2, one device) would not restore FSDPLowPrecision (FSDP1), nor the other way round.
+        own = type(self).__qualname__
+        if own not in checkpoint:
+            for name in _CHECKPOINT_NAMES:
+                if name in checkpoint:
+                    self.load_state_dict(checkpoint[name])
+                    break
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -127,3 +127,60 @@ def test_layer_and_parameter_names_leave_out_fsdp1_wrappers():
     layers = named_layers(model)
     assert list(layers) == ["0", "1"]
     assert layers["0"] is linear  # the layer, not its wrapper
+
+
+def test_a_checkpoint_moves_between_low_precision_and_fsdp_low_precision(tmp_path):
+    # Lightning keeps a precision plugin's state under its class name: each plugin takes the
+    # other's, so a run can resume under FSDP1 from a DDP or single-device checkpoint
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_lowp as lp
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=4)
+
+    def fit(plugin, epochs, ckpt_path=None):
+        trainer = pl.Trainer(
+            max_epochs=epochs, plugins=[plugin], accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(Tiny(), data, ckpt_path=ckpt_path)
+        return trainer
+
+    first = lp.LowPrecision(weight="fixed(8,4)", master_weight="bf16", weight_rounding="stochastic")
+    trainer = fit(first, 1)
+    path = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert "LowPrecision" in saved
+    assert "FSDPLowPrecision" not in saved
+
+    second = lp.FSDPLowPrecision(weight="fixed(8,4)", master_weight="bf16", weight_rounding="stochastic")
+    second.on_load_checkpoint(saved)  # what Lightning calls first when it restores
+    state, theirs = second.state_dict(), saved["LowPrecision"]  # (pending until a model is bound)
+    assert state["master_weights"].keys() == theirs["master_weights"].keys() == {"net.weight", "net.bias"}
+    for name, master in theirs["master_weights"].items():
+        assert torch.equal(state["master_weights"][name], master)
+    assert torch.equal(state["generator"], theirs["generator"])
+    resumed = fit(second, 2, ckpt_path=path)  # and Lightning resumes with it
+    assert resumed.global_step == 8
+
+    third = lp.LowPrecision(weight="fixed(8,4)", master_weight="bf16", weight_rounding="stochastic")
+    third.on_load_checkpoint({"FSDPLowPrecision": {"nonfinite_steps": 3}})
+    assert third.nonfinite_steps == 3
+    own = lp.LowPrecision()
+    own.on_load_checkpoint({"LowPrecision": {"nonfinite_steps": 2}, "FSDPLowPrecision": {"nonfinite_steps": 5}})
+    assert own.nonfinite_steps == 0  # its own entry: Lightning loads that one, after the hook
