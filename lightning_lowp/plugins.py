@@ -20,6 +20,7 @@ from lightning_lowp.recipes import Recipe, get_recipe
 from lightning_lowp.sharding import (
     FlatShard,
     clean_name,
+    collective_device,
     distribute_tensor,
     flat_shards,
     full_tensor_of_piece,
@@ -108,7 +109,8 @@ def _all_finite(tensors: list[torch.Tensor], sharded: bool = False) -> bool:
         extremes = torch.stack([torch.stack(torch.aminmax(t)).float().to(device) for t in tensors])
         finite = bool(extremes.isfinite().all())
     if sharded and torch.distributed.is_initialized():
-        flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
+        device = collective_device(None, tensors[0].device if tensors else torch.device("cpu"))
+        flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         finite = not bool(flag.item())
     return finite
@@ -296,6 +298,8 @@ class LowPrecision(Precision):
     def connect(
         self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        # the model as the strategy wrapped it: under FSDP1, where each parameter's piece lies
+        self._shards = flat_shards(model)
         for optimizer in optimizers:
             inner = getattr(optimizer, "optimizer", optimizer)
             if isinstance(inner, LBFGS):
@@ -303,10 +307,6 @@ class LowPrecision(Precision):
                     "LowPrecision does not support LBFGS: it re-evaluates its closure inside step(), between "
                     "which the plugin could not quantize; use an optimizer that steps once per closure"
                 )
-        # the model as the strategy wrapped it: under FSDP1, where each parameter's piece lies
-        self._shards = flat_shards(model)
-        for optimizer in optimizers:
-            inner = getattr(optimizer, "optimizer", optimizer)
             # here, when training starts, rather than at the first step, after a whole batch
             self._check_shapes(_trainable(inner))
         return super().connect(model, optimizers, lr_schedulers)

@@ -40,6 +40,7 @@ from lightning_lowp.formats import FixedPoint, FloatingPoint, Format
 __all__ = [
     "FlatShard",
     "clean_name",
+    "collective_device",
     "distribute_tensor",
     "flat_shards",
     "full_tensor_of_piece",
@@ -154,6 +155,16 @@ def flat_shards(root: nn.Module) -> dict[torch.Tensor, FlatShard]:
     return shards
 
 
+def collective_device(group: Any, device: torch.device) -> torch.device:
+    """Where a collective of ``group`` takes tensors that live on ``device``.
+
+    NCCL takes CUDA tensors only, and FSDP1 with CPU offload keeps its shards on the CPU.
+    """
+    if device.type == "cpu" and str(torch.distributed.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def rank_counts(counts: Sequence[int], group: Any, device: torch.device) -> list[int]:
     """The largest of each count over the ranks of ``group`` (an all-reduce).
 
@@ -163,7 +174,7 @@ def rank_counts(counts: Sequence[int], group: Any, device: torch.device) -> list
     """
     if not counts:
         return []
-    t = torch.tensor(list(counts), dtype=torch.int64, device=device)
+    t = torch.tensor(list(counts), dtype=torch.int64, device=collective_device(group, device))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
     return [int(c) for c in t.tolist()]
 
@@ -176,16 +187,17 @@ def full_tensor_of_piece(piece: torch.Tensor, shard: FlatShard) -> torch.Tensor:
     """
     group = shard.group
     world = torch.distributed.get_world_size(group)
-    extent = torch.tensor([shard.start, piece.numel()], dtype=torch.int64, device=piece.device)
-    extents = torch.empty(world * 2, dtype=torch.int64, device=piece.device)  # (flat outputs: gloo wants them)
+    device = collective_device(group, piece.device)
+    extent = torch.tensor([shard.start, piece.numel()], dtype=torch.int64, device=device)
+    extents = torch.empty(world * 2, dtype=torch.int64, device=device)  # (flat outputs: gloo wants them)
     torch.distributed.all_gather_into_tensor(extents, extent, group=group)
-    extents = extents.view(world, 2)
+    extents = extents.view(world, 2).cpu()
     width = max(int(extents[:, 1].max()), 1)
-    padded = torch.zeros(width, dtype=piece.dtype, device=piece.device)
+    padded = torch.zeros(width, dtype=piece.dtype, device=device)
     padded[: piece.numel()] = piece.reshape(-1)
-    gathered = torch.empty(world * width, dtype=piece.dtype, device=piece.device)
+    gathered = torch.empty(world * width, dtype=piece.dtype, device=device)
     torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
-    gathered = gathered.view(world, width)
+    gathered = gathered.view(world, width).to(piece.device)
     full = torch.empty(shard.shape.numel(), dtype=piece.dtype, device=piece.device)
     covered = 0
     for rank, (start, numel) in enumerate(extents.tolist()):

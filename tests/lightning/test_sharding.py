@@ -184,3 +184,16 @@ def test_a_checkpoint_moves_between_low_precision_and_fsdp_low_precision(tmp_pat
     own = lp.LowPrecision()
     own.on_load_checkpoint({"LowPrecision": {"nonfinite_steps": 2}, "FSDPLowPrecision": {"nonfinite_steps": 5}})
     assert own.nonfinite_steps == 0  # its own entry: Lightning loads that one, after the hook
+
+
+def test_collectives_under_nccl_take_cuda_tensors(monkeypatch):
+    # the plugin's all-reduces and gathers send CPU tensors (FSDP1 with CPU offload, counts,
+    # flags) through the GPU when the process group is NCCL's, which takes CUDA tensors only
+    from lightning_lowp.sharding import collective_device
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert collective_device(None, torch.device("cpu")) == torch.device("cuda", 0)
+    assert collective_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert collective_device(None, torch.device("cpu")) == torch.device("cpu")
