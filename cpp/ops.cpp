@@ -199,24 +199,10 @@ bool storage_order(const at::Tensor& x, const at::Tensor& out, const FormatParam
          out.strides() == x.strides();
 }
 
-void quantize_with_key(const at::Tensor& x, at::Tensor& out, const FormatParams& p, at::IntArrayRef params,
-                       Rounding mode, uint64_t key);
-
-// out = quantize(x); out may be x itself. Never changes out's shape, dtype or layout.
-void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntArrayRef params, int64_t rounding,
-                   const std::optional<at::Generator>& generator) {
-  check_quantize_arguments(x, rounding);
-  const FormatParams p = format_params(kind, params);
-  const Rounding mode = static_cast<Rounding>(rounding);
-  if (x.numel() == 0) return;
-  const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
-  quantize_with_key(x, out, p, params, mode, key);
-}
-
-// quantize_into with the stochastic-rounding key drawn (x not empty).
+// out = quantize(x) with the stochastic-rounding key drawn (x not empty); out may be x itself.
+// Never changes out's shape, dtype or layout.
 void quantize_with_key(const at::Tensor& x, at::Tensor& out, const FormatParams& p, at::IntArrayRef params,
                        Rounding mode, uint64_t key) {
-
   const bool blocked = p.kind == Kind::Block || p.kind == Kind::Scaled;
   if (storage_order(x, out, p)) {
     run_kernel(x, out, p, mode, key, BlockLayout{1, 1, x.numel()});
@@ -247,6 +233,17 @@ void quantize_with_key(const at::Tensor& x, at::Tensor& out, const FormatParams&
   at::Tensor dst = out.is_contiguous() ? out : at::empty_like(src, at::MemoryFormat::Contiguous);
   run_kernel(src, dst, p, mode, key, layout);
   if (!dst.is_same(out)) out.copy_(dst);
+}
+
+// out = quantize(x), drawing the key from the generator.
+void quantize_into(const at::Tensor& x, at::Tensor& out, int64_t kind, at::IntArrayRef params, int64_t rounding,
+                   const std::optional<at::Generator>& generator) {
+  check_quantize_arguments(x, rounding);
+  const FormatParams p = format_params(kind, params);
+  const Rounding mode = static_cast<Rounding>(rounding);
+  if (x.numel() == 0) return;
+  const uint64_t key = mode == Rounding::Stochastic ? static_cast<uint64_t>(draw_key(generator)) : 0;
+  quantize_with_key(x, out, p, params, mode, key);
 }
 
 at::Tensor quantize(const at::Tensor& x, int64_t kind, at::IntArrayRef params, int64_t rounding,

@@ -116,6 +116,11 @@ def _all_finite(tensors: list[torch.Tensor], sharded: bool = False) -> bool:
     return finite
 
 
+def _rank_counts(params: list[torch.Tensor], counts: list[int]) -> list[int]:
+    """:func:`rank_counts` of one count per parameter, on the parameters' device."""
+    return rank_counts(counts, params[0].device if params else torch.device("cpu"))
+
+
 # The names a checkpoint keeps the plugin's state under (the class's, as Lightning does).
 _CHECKPOINT_NAMES = ("LowPrecision", "FSDPLowPrecision")
 
@@ -399,8 +404,7 @@ class LowPrecision(Precision):
         if not self._shards:
             owners = [p for p in params if p.grad is not None]
             return owners, [p.grad for p in owners]  # type: ignore[misc]
-        device = params[0].device if params else torch.device("cpu")
-        counts = rank_counts([int(p.grad is not None) for p in params], None, device)
+        counts = _rank_counts(params, [int(p.grad is not None) for p in params])
         owners = [p for p, c in zip(params, counts, strict=True) if c]
         return owners, [p.grad if p.grad is not None else p.new_empty(0) for p in owners]
 
@@ -410,8 +414,7 @@ class LowPrecision(Precision):
         """The parameter of each :func:`moment_states` tensor, and the tensors (as :meth:`_grads`, under FSDP1)."""
         per_param = [moment_states(optimizer, p) for p in params]
         if self._shards:
-            device = params[0].device if params else torch.device("cpu")
-            counts = rank_counts([len(s) for s in per_param], None, device)
+            counts = _rank_counts(params, [len(s) for s in per_param])
             for i, (p, count) in enumerate(zip(params, counts, strict=True)):
                 if not per_param[i]:  # the optimizer has not stepped this rank's (empty) piece
                     per_param[i] = [p.new_empty(0) for _ in range(count)]

@@ -165,8 +165,8 @@ def collective_device(group: Any, device: torch.device) -> torch.device:
     return device
 
 
-def rank_counts(counts: Sequence[int], group: Any, device: torch.device) -> list[int]:
-    """The largest of each count over the ranks of ``group`` (an all-reduce).
+def rank_counts(counts: Sequence[int], device: torch.device) -> list[int]:
+    """The largest of each count over all ranks (an all-reduce); ``device``: where the counts' tensors are.
 
     Under FSDP1 a rank whose piece of a parameter is empty gets no gradient and no optimizer
     state for it; the ranks agree on how many tensors of each parameter there are, so that
@@ -174,8 +174,8 @@ def rank_counts(counts: Sequence[int], group: Any, device: torch.device) -> list
     """
     if not counts:
         return []
-    t = torch.tensor(list(counts), dtype=torch.int64, device=collective_device(group, device))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    t = torch.tensor(list(counts), dtype=torch.int64, device=collective_device(None, device))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [int(c) for c in t.tolist()]
 
 
@@ -227,12 +227,12 @@ def quantize_flat_shards_(
 ) -> None:
     """``tensors[i] = quantize(full tensor of sources[i])``, cut to this rank's piece, for FSDP1 pieces.
 
-    ``tensors[i]`` and ``sources[i]`` are pieces of extent ``shards[i]`` (``None``: a whole tensor,
-    not sharded); ``quantize_foreach(outs,
-    ins)`` is the plain multi-tensor quantize (``lp.quantize_foreach_`` with ``fmt``, ``rounding``
-    and the caller's generator), which draws one key per tensor in list order: called on the
-    full tensors one at a time, in list order, it draws the keys an unsharded run draws. Every
-    rank must call with the same list of parameters (see :func:`rank_counts`).
+    ``tensors[i]`` and ``sources[i]`` are pieces of extent ``shards[i]`` (``None``: a whole
+    tensor, not sharded); ``quantize_foreach(outs, ins)`` is the plain multi-tensor quantize
+    (``lp.quantize_foreach_`` with ``fmt``, ``rounding`` and the caller's generator), which draws
+    one key per tensor in list order: called on the full tensors one at a time, in list order,
+    it draws the keys an unsharded run draws. Every rank must call with the same list of
+    parameters (see :func:`rank_counts`).
     """
     tensors = list(tensors)
     sources = tensors if sources is None else list(sources)
